@@ -1,0 +1,389 @@
+"""The null space of the activations: calibration covariances, LoRA-Null, CorDA, diagnostics.
+
+LoRA-Null (Tang et al. 2025, "Put the Space of LoRA Initialization to the Extreme to
+Preserve Pre-trained Knowledge") starts the adapter of every linear layer y = x @ W.T in
+the directions that the layer's inputs never use. Read this file top to bottom:
+
+1. Calibration. Run the model on text that stands for pre-trained knowledge, and collect
+   for each adapted layer the covariance (uncentred Gram matrix) of its input,
+   C = X.T @ X / N, with X (N, n) all calibration tokens stacked.
+2. The null basis. The eigenvectors of C with the r smallest eigenvalues span the
+   directions where X @ u ~ 0: the (approximate) null space of the activations.
+3. LoRA-Null. Project W onto that null basis, W_null = W @ U_null @ U_null.T, and factor it
+   into the adapter: B @ A = W_null / s, W_res = W - W_null. At initialisation the output
+   is unchanged, and A @ x ~ 0 on knowledge-like inputs x, so training B (with A frozen,
+   "v2") cannot disturb them.
+4. CorDA (Yang et al. 2024), knowledge-preserved mode: a related baseline that factors
+   W @ C instead, and gives the adapter the smallest components.
+5. Diagnostics: effective rank of activations and weights, the share of calibration
+   energy an adapter's input space captures, and how much a weight update disturbs the
+   calibration outputs.
+
+Conventions (as in lora.py): W (m, n) = (out, in); the adapter adds s * (x @ A.T) @ B.T
+with A (r, n), B (m, r), s = alpha / r; every init returns (A, B, W_res) with
+W_res + s * B @ A == W. Every init is a pure function of tensors; the hooks of step 1 are
+the only code here that touches a model.
+"""
+
+import math
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from model import PROJECTIONS
+
+# -----------------------------------------------------------------------------
+# 1. Calibration covariances
+
+ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+# Which tensor each projection reads inside a LLaMA block. q, k and v all read the output
+# of attention_norm, gate and up both read the output of ffn_norm: one covariance serves
+# each group, so a block needs 4 covariances, not 7.
+SHARED_INPUT = {
+    "q": "attention_norm", "k": "attention_norm", "v": "attention_norm",
+    "o": "attention_output",
+    "gate": "ffn_norm", "up": "ffn_norm",
+    "down": "swiglu_output",
+}
+
+
+def input_groups(model: nn.Module, targets=ALL_TARGETS) -> dict[str, list[str]]:
+    """{hooked layer: all targeted layers that read the same input}, for every block.
+
+    Names are module paths such as "layers.3.attention.wq". The first targeted layer of a
+    group is the one that gets the hook; e.g. with all seven targets, block 3 gives
+    {"layers.3.attention.wq": [...wq, ...wk, ...wv], "layers.3.attention.wo": [...wo],
+     "layers.3.feed_forward.w_gate": [...w_gate, ...w_up], ".w_down": [...w_down]}.
+    """
+    unknown = [t for t in targets if t not in PROJECTIONS]
+    if unknown or not targets:
+        raise ValueError(f"unknown LoRA targets {unknown}; choose from {list(PROJECTIONS)}")
+    targets = list(dict.fromkeys(targets))  # drop repeats, keep the order
+    groups = {}
+    for i in range(len(model.layers)):
+        hooked_name_of_input = {}  # shared input -> the layer that is hooked for it
+        for t in targets:
+            name = f"layers.{i}.{PROJECTIONS[t]}"
+            hooked = hooked_name_of_input.setdefault(SHARED_INPUT[t], name)
+            groups.setdefault(hooked, []).append(name)
+    return groups
+
+
+def signed_max_per_sequence(x: Tensor, keep: Tensor | None) -> Tensor:
+    """The reference code's per-sample scale: |max(x)| over each sequence's real tokens.
+
+    Note: the SIGNED maximum's absolute value (x.max().abs()), not max(|x|), as in the
+    LoRA-Null / CorDA reference hooks. Returns (B, 1, 1) for x (B, T, n).
+    """
+    if keep is not None:
+        x = x.masked_fill(~keep[:, :, None], float("-inf"))  # padding never wins the max
+    scale = x.amax(dim=(1, 2)).abs()  # (B,)
+    return scale.clamp_min(torch.finfo(x.dtype).tiny)[:, None, None]
+
+
+class CovarianceCollector:
+    """Running sums of X.T @ X (float64) and token counts, one per distinct layer input.
+
+    Usage: `c = CovarianceCollector(model); for idx, pad_mask in batches: c.add_batch(idx,
+    pad_mask); covariances = c.finalize()`. Under data parallelism, all-reduce (sum)
+    every tensor in `c.sums` and `c.counts` across processes before `finalize()`; the
+    entries appear at the first `add_batch`, so every process must run at least one batch.
+
+    sums:   {hooked layer: (n, n) float64 sum of x x^T over real tokens}
+    counts: {hooked layer: int64 scalar tensor, the number of real tokens N}
+    """
+
+    def __init__(self, model: nn.Module, targets=ALL_TARGETS, *, dtype=torch.float64,
+                 per_sample_max_norm: bool = False):
+        self.model = model
+        self.groups = input_groups(model, targets)
+        self.dtype = dtype  # dtype of the per-batch product X.T @ X; sums are always float64
+        self.per_sample_max_norm = per_sample_max_norm
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, Tensor] = {}
+
+    def _accumulate(self, name: str, x: Tensor, keep: Tensor | None):
+        """Add one batch of inputs x (B, T, n) of layer `name`, real tokens only."""
+        if self.per_sample_max_norm:
+            x = x / signed_max_per_sequence(x, keep)
+        x = x.reshape(-1, x.shape[-1])  # (B*T, n)
+        if keep is not None:
+            x = x[keep.reshape(-1)]  # (N_batch, n): padding never enters C
+        if not torch.isfinite(x).all():
+            raise ValueError(f"NaN/Inf in the calibration activations entering {name}")
+        x = x.to(self.dtype)
+        n = x.shape[1]
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+            self.counts[name] = torch.zeros((), dtype=torch.int64, device=x.device)
+        self.sums[name] += (x.T @ x).to(torch.float64)  # (n, n)
+        self.counts[name] += x.shape[0]
+
+    def add_batch(self, idx: Tensor, pad_mask: Tensor | None = None):
+        """Run the model once on idx (B, T) and accumulate every hooked layer's input.
+
+        pad_mask (B, T) bool, True = real token (None: all real). The model runs in eval
+        mode under no_grad; its training flag is restored afterwards.
+        """
+        device = next(self.model.parameters()).device
+        idx = idx.to(device)
+        keep = None if pad_mask is None else pad_mask.to(device=device, dtype=torch.bool)
+        if keep is not None and keep.shape != idx.shape:
+            raise ValueError(f"pad_mask shape {tuple(keep.shape)} != idx shape {tuple(idx.shape)}")
+
+        def make_hook(name):
+            # The hook only forwards the input to _accumulate: nothing is stored on modules.
+            return lambda module, args, output: self._accumulate(name, args[0].detach(), keep)
+
+        was_training = self.model.training
+        handles = []
+        try:
+            for name in self.groups:
+                module = self.model.get_submodule(name)  # a plain Linear or a LoRA wrapper
+                handles.append(module.register_forward_hook(make_hook(name)))
+            self.model.eval()
+            with torch.no_grad():
+                self.model(idx, pad_mask=keep)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.model.train(was_training)
+
+    def finalize(self) -> dict[str, Tensor]:
+        """{layer: C (n, n) float64}; layers sharing an input share one tensor object.
+
+        C = (S + S.T) / (2 N): divide by the token count once, at the end, and symmetrise
+        (the sum is symmetric up to rounding; eigh reads only one triangle).
+        """
+        covariances = {}
+        for hooked, sharing in self.groups.items():
+            if hooked not in self.sums or int(self.counts[hooked]) == 0:
+                raise ValueError(f"no calibration tokens reached {hooked}")
+            N, n = int(self.counts[hooked]), self.sums[hooked].shape[0]
+            if N < n:
+                warnings.warn(
+                    f"{' / '.join(sharing)}: only N={N} calibration tokens for n={n} input "
+                    f"features; the covariance is rank-deficient, so the null basis is an "
+                    f"arbitrary choice among {n - N} or more zero eigenvalues", stacklevel=2)
+            S = self.sums[hooked]
+            C = (S + S.T) / (2 * N)
+            for name in sharing:
+                covariances[name] = C
+        return covariances
+
+
+def collect_covariances(model: nn.Module, batches, targets=ALL_TARGETS, *,
+                        dtype=torch.float64, per_sample_max_norm: bool = False) -> dict[str, Tensor]:
+    """{layer name: C = X.T @ X / N (n, n) float64} from calibration batches.
+
+    batches: an iterable of `idx` (B, T) long tensors or `(idx, pad_mask)` pairs, pad_mask
+    (B, T) bool with True = real token (or None). Padding never enters C.
+    dtype: dtype of the per-batch product X.T @ X (float32 is ~2x faster on CPU); the
+    running sums are float64 either way.
+    per_sample_max_norm: divide each sequence's activations by the absolute value of their
+    signed maximum first, as the reference code does. Off by default: it reweights samples
+    by an arbitrary scale. (The reference also divides by a hard-coded sample count, not the
+    token count; the overall scale of C does not change its eigenvectors.)
+    """
+    collector = CovarianceCollector(model, targets, dtype=dtype,
+                                    per_sample_max_norm=per_sample_max_norm)
+    for batch in batches:
+        idx, pad_mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        collector.add_batch(idx, pad_mask)
+    return collector.finalize()
+
+
+# -----------------------------------------------------------------------------
+# 2. The null basis and the LoRA-Null initialisation
+
+def check_init_inputs(W: Tensor, C: Tensor, r: int, alpha: float):
+    """Clear errors for the inputs shared by loranull_init and corda_init."""
+    if W.ndim != 2:
+        raise ValueError(f"W must be a matrix (out, in), got shape {tuple(W.shape)}")
+    m, n = W.shape
+    if tuple(C.shape) != (n, n):
+        raise ValueError(f"covariance shape {tuple(C.shape)} does not match W {m}x{n}: "
+                         f"expected ({n}, {n}) for the layer's input dimension n={n}")
+    if not 1 <= r <= min(m, n):
+        raise ValueError(f"rank r={r} must satisfy 1 <= r <= min(m, n) = {min(m, n)}")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be positive, got {alpha}")
+    if not torch.isfinite(W).all():
+        raise ValueError("W contains NaN/Inf")
+    if not torch.isfinite(C).all():
+        raise ValueError("covariance contains NaN/Inf")
+
+
+def null_basis(C: Tensor, r: int) -> Tensor:
+    """U_null (n, r) float64: the eigenvectors of C with the r smallest eigenvalues.
+
+    C is PSD, so these are the right singular vectors of X with the r smallest singular
+    values: the orthonormal directions u along which the calibration inputs are
+    (nearly) zero, X @ u ~ 0. eigh returns eigenvalues in ascending order.
+    """
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(f"covariance must be square, got shape {tuple(C.shape)}")
+    if not 1 <= r <= C.shape[0]:
+        raise ValueError(f"rank r={r} must satisfy 1 <= r <= n = {C.shape[0]}")
+    if not torch.isfinite(C).all():
+        raise ValueError("covariance contains NaN/Inf")
+    _, Q = torch.linalg.eigh(C.to(torch.float64))  # Q (n, n), columns by ascending eigenvalue
+    return Q[:, :r]
+
+
+def loranull_init(W: Tensor, C: Tensor, r: int, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """LoRA-Null: A, B from the projection of W onto the null space of the activations.
+
+    The paper's construction (Tang et al. 2025, the LoRA-Null method section):
+        U_null = eigenvectors of C = X.T X / N with the r smallest eigenvalues   (n, r)
+        W_null = W @ U_null @ U_null.T          (the weight seen only by null directions)
+        W_null = U' diag(S') V'.T               (its SVD, rank <= r)
+        A = diag(sqrt(S'/s)) V'.T,  B = U' diag(sqrt(S'/s)),  W_res = W - s B A = W - W_null
+    The reference code takes the SVD of the (m, n) matrix W_null. Since W_null = (W U_null)
+    U_null.T, the thin SVD of the small (m, r) matrix W U_null = U' diag(S') Q'.T gives the
+    same factors with V' = U_null Q' (orthonormal because U_null and Q' are): O(m r^2)
+    instead of O(m n min(m, n)). Computed in float64, returned in W's dtype.
+
+    Returns A (r, n), B (m, r), W_res (m, n) with W_res + s * B @ A == W, s = alpha / r,
+    and every row of A in span(U_null), so A @ x ~ 0 for knowledge-like inputs x.
+    """
+    check_init_inputs(W, C, r, alpha)
+    s = alpha / r
+    W64 = W.detach().to(torch.float64)
+    U_null = null_basis(C.to(W.device), r)  # (n, r)
+    U_w, S, Qh = torch.linalg.svd(W64 @ U_null, full_matrices=False)  # (m, r), (r,), (r, r)
+    root = torch.sqrt(S / s)  # (r,)
+    A = root[:, None] * (Qh @ U_null.T)  # (r, n) = diag(sqrt(S/s)) (U_null Q').T
+    B = U_w * root[None, :]  # (m, r)
+    W_res = W64 - s * (B @ A)  # = W (I - U_null U_null.T)
+    return A.to(W.dtype), B.to(W.dtype), W_res.to(W.dtype)
+
+
+# -----------------------------------------------------------------------------
+# 3. CorDA, knowledge-preserved mode (a baseline; LoRA-Null's code is a fork of CorDA's)
+
+def damped_covariance(C: Tensor, *, damp: float = 0.01, tol: float = 0.05,
+                      max_doublings: int = 60) -> tuple[Tensor, float]:
+    """(C', d) with C' = C + d * mean(diag C) * I, the first d = damp * 2^k that passes.
+
+    The criterion is the reference's: ||C' @ inv(C') - I||_F < tol, evaluated in float32
+    as the reference does (in float64 it would pass at once for any realistic n, because
+    the damping bounds the condition number by 1 + n / d). C' is returned in float64.
+    """
+    C = C.to(torch.float64)
+    scale = C.diagonal().mean()
+    if not scale > 0:
+        raise ValueError("covariance has a zero (or negative) mean diagonal: no calibration energy")
+    eye = torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
+    for _ in range(max_doublings):
+        C_damped = C + damp * scale * eye
+        C32 = C_damped.to(torch.float32)
+        error = torch.dist(C32 @ torch.linalg.inv(C32), eye.to(torch.float32))
+        if error < tol:
+            return C_damped, damp
+        damp *= 2
+    raise ValueError(f"damping did not make the covariance invertible to tol={tol}")
+
+
+def corda_init(W: Tensor, C: Tensor, r: int, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """CorDA knowledge-preserved mode (Yang et al. 2024): the r smallest components of W C.
+
+        C' = damped C (see damped_covariance);   W C' = U diag(S) V.T   (thin SVD)
+        V' = inv(C') V,  so that W = U diag(S) V'.T exactly
+        take the r SMALLEST singular triplets (U_r, S_r, V'_r):
+        A = diag(sqrt(S_r/s)) V'_r.T,  B = U_r diag(sqrt(S_r/s)),  W_res = W - s B A
+    CorDA itself uses s = 1; dividing S_r by s (as PEFT does) makes s * B @ A the same
+    matrix U_r diag(S_r) V'_r.T for any alpha, so W_res does not depend on alpha and
+    W_res + s * B @ A == W holds with s = alpha / r. Computed in float64, returned in W's dtype.
+    """
+    check_init_inputs(W, C, r, alpha)
+    s = alpha / r
+    W64 = W.detach().to(torch.float64)
+    C_damped, _ = damped_covariance(C.to(W.device))
+    U, S, Vh = torch.linalg.svd(W64 @ C_damped, full_matrices=False)  # (m,k),(k,),(k,n)
+    V_prime = torch.linalg.solve(C_damped, Vh.T)  # (n, k) = inv(C') V
+    U_r, S_r, V_r = U[:, -r:], S[-r:], V_prime[:, -r:]  # S is descending: the r smallest
+    root = torch.sqrt(S_r / s)
+    A = root[:, None] * V_r.T  # (r, n)
+    B = U_r * root[None, :]  # (m, r)
+    W_res = W64 - s * (B @ A)
+    return A.to(W.dtype), B.to(W.dtype), W_res.to(W.dtype)
+
+
+# -----------------------------------------------------------------------------
+# 4. Diagnostics
+
+def effective_rank(singular_values: Tensor) -> dict:
+    """Entropy effective rank (Roy & Vetterli 2007) and energy counts of a spectrum.
+
+    erank = exp(-sum_i p_i log p_i) with p_i = sigma_i / sum(sigma): n for a flat spectrum
+    of n values, 1 for a single nonzero value.
+    n90 / n99: the fewest components holding 90% / 99% of the energy sum(sigma^2).
+    """
+    sv = torch.as_tensor(singular_values, dtype=torch.float64).flatten()
+    if sv.numel() == 0 or not torch.isfinite(sv).all() or (sv < 0).any():
+        raise ValueError("singular values must be a non-empty set of finite values >= 0")
+    if sv.sum() == 0:
+        raise ValueError("all singular values are zero: the effective rank is undefined")
+    p = sv / sv.sum()
+    p = p[p > 0]  # 0 log 0 = 0
+    erank = math.exp(float(-(p * p.log()).sum()))
+    energy = torch.sort(sv ** 2, descending=True).values
+    cumulative = energy.cumsum(0) / energy.sum()  # share held by the first k components
+
+    def count(q):  # smallest k with cumulative[k-1] >= q, forgiving rounding at 1e-12
+        return min(int((cumulative < q - 1e-12).sum()) + 1, sv.numel())
+
+    return {"erank": erank, "n90": count(0.90), "n99": count(0.99)}
+
+
+def activation_singular_values(C: Tensor) -> Tensor:
+    """Singular values of X / sqrt(N), descending: sqrt of C's eigenvalues (clamped at 0).
+
+    The 1 / sqrt(N) scale does not change effective_rank. Rounding can make tiny
+    eigenvalues of a PSD matrix slightly negative; they are clamped to 0.
+    """
+    eigenvalues = torch.linalg.eigvalsh(C.to(torch.float64))  # ascending
+    return eigenvalues.clamp_min(0).sqrt().flip(0)
+
+
+def weight_singular_values(W: Tensor) -> Tensor:
+    """Singular values of W, descending (float64)."""
+    return torch.linalg.svdvals(W.detach().to(torch.float64))
+
+
+def captured_energy(A: Tensor, C: Tensor) -> float:
+    """trace(P_A C) / trace(C): the share of calibration energy in A's row space.
+
+    P_A is the orthogonal projector onto the row space of A (r, n), built from the right
+    singular vectors of A whose singular values are not negligible, so a rank-deficient A
+    projects onto its true (smaller) row space. By Ky Fan's theorem a k-dimensional space
+    captures at least the sum of C's k smallest eigenvalues: LoRA-Null attains that minimum.
+    """
+    if A.ndim != 2 or tuple(C.shape) != (A.shape[1], A.shape[1]):
+        raise ValueError(f"A {tuple(A.shape)} and C {tuple(C.shape)}: expected A (r, n), C (n, n)")
+    C64 = C.to(torch.float64)
+    _, S, Vh = torch.linalg.svd(A.detach().to(torch.float64), full_matrices=False)
+    tol = S.max() * max(A.shape) * torch.finfo(A.dtype).eps  # rank threshold at A's precision
+    basis = Vh[S > tol]  # (rank, n) orthonormal rows spanning A's row space
+    return float(torch.trace(basis @ C64 @ basis.T) / torch.trace(C64))
+
+
+def knowledge_disturbance(delta_W: Tensor, W: Tensor, C: Tensor) -> float:
+    """||dW X^T||_F / ||W X^T||_F over the calibration inputs, computed from C alone.
+
+    ||dW X^T||_F^2 = trace(dW X^T X dW^T) = N trace(dW C dW^T); N cancels in the ratio.
+    For LoRA-Null v2 (A frozen) dW = s dB @ A and A X^T ~ 0, so this stays ~0.
+    """
+    if delta_W.shape != W.shape or tuple(C.shape) != (W.shape[1], W.shape[1]):
+        raise ValueError(f"shapes dW {tuple(delta_W.shape)}, W {tuple(W.shape)}, C {tuple(C.shape)} "
+                         f"do not match: expected dW and W (m, n), C (n, n)")
+    C64 = C.to(torch.float64)
+    dW, W64 = delta_W.detach().to(torch.float64), W.detach().to(torch.float64)
+    update = ((dW @ C64) * dW).sum()  # trace(dW C dW^T)
+    base = ((W64 @ C64) * W64).sum()  # trace(W C W^T)
+    if not base > 0:
+        raise ValueError("W maps the calibration inputs to zero: the ratio is undefined")
+    return math.sqrt(float(update.clamp_min(0) / base))
