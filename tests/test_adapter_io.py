@@ -1,0 +1,133 @@
+"""Saving, reloading and exporting adapters: each form must reproduce the adapted model."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora import inject_lora, lora_layers
+from loranull_mini.adapter_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, base_fingerprint,
+                                      export_delta, export_peft, load_adapter, save_adapter)
+from tests.conftest import random_model
+from tests.test_lora import ALL, calibration_covariances, logits, random_tokens, train_steps
+
+METHODS = ["vanilla", "pissa", "milora", "corda", "null"]
+
+
+def trained_adapter(method, freeze_A=False, targets=ALL, r=4, alpha=8):
+    """random_model() with adapters of `method`, trained a few steps so A, B left their init."""
+    model = random_model()
+    covariances = calibration_covariances(model) if method in ("corda", "null") else None
+    inject_lora(model, targets, r=r, alpha=alpha, init=method, covariances=covariances, freeze_A=freeze_A)
+    return train_steps(model)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_saved_adapter_reloads_into_a_fresh_base_model_with_identical_logits(method, tmp_path):
+    model = trained_adapter(method, freeze_A=(method == "null"))
+    save_adapter(model, tmp_path, {"base_model": "tiny-random", "lr": 1e-2})
+    fresh = random_model()
+    layers = load_adapter(fresh, tmp_path)
+    idx = random_tokens()
+    torch.testing.assert_close(logits(fresh, idx), logits(model, idx), atol=1e-6, rtol=0)
+    original = lora_layers(model)
+    assert layers.keys() == original.keys()
+    for name, layer in layers.items():
+        assert torch.equal(layer.A, original[name].A) and torch.equal(layer.B, original[name].B)
+        assert layer.has_residual == original[name].has_residual and layer.method == method
+        assert layer.A.requires_grad == (method != "null") and layer.B.requires_grad
+    assert not any(p.requires_grad for n, p in fresh.named_parameters() if not n.endswith((".A", ".B")))
+
+
+def test_saved_config_records_method_rank_alpha_and_base_fingerprint(tmp_path):
+    model = trained_adapter("pissa", targets=("q", "up"), r=2, alpha=6)
+    save_adapter(model, tmp_path, {"base_model": "tiny-random", "lr": 1e-2})
+    cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    assert cfg["method"] == "pissa" and cfg["r"] == 2 and cfg["alpha"] == 6 and cfg["freeze_A"] is False
+    assert cfg["base_model"] == "tiny-random" and cfg["lr"] == 1e-2
+    assert cfg["base_fingerprint"] == base_fingerprint(random_model()) == base_fingerprint(model)
+    assert cfg["layers"] == sorted(f"layers.{i}.{p}" for i in range(2)
+                                   for p in ("attention.wq", "feed_forward.w_up"))
+    assert len(load_file(str(tmp_path / ADAPTER_WEIGHTS))) == 4 * len(cfg["layers"])  # A, B, A0, B0
+    assert {p.name for p in tmp_path.iterdir()} == {ADAPTER_CONFIG, ADAPTER_WEIGHTS}  # no temp files left
+
+
+def test_config_that_contradicts_the_adapters_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="config disagrees.*'r': \\(16, 4\\)"):
+        save_adapter(trained_adapter("vanilla"), tmp_path, {"r": 16})
+
+
+def test_adapter_refuses_a_different_base_model(tmp_path):
+    save_adapter(trained_adapter("pissa"), tmp_path, {"base_model": "tiny-random"})
+    with pytest.raises(ValueError, match=r"different base model.*\(tiny-random\)"):
+        load_adapter(random_model(seed=1), tmp_path)
+    with pytest.raises(ValueError, match="different base model"):
+        load_adapter(random_model().to(torch.bfloat16), tmp_path)
+
+
+def test_loading_into_a_model_that_already_has_adapters_is_refused(tmp_path):
+    model = trained_adapter("vanilla")
+    save_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        load_adapter(model, tmp_path)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_exported_plain_delta_on_the_original_weights_gives_the_same_logits(method, tmp_path):
+    model = trained_adapter(method)
+    export_delta(model, tmp_path)
+    cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    rank = 4 if method == "vanilla" else 8                      # [A; A0] doubles the rank
+    assert cfg["plain_delta"] and cfg["r"] == rank and cfg["alpha"] / cfg["r"] == 8 / 4
+    # applied by hand: W + s * B' @ A' for every layer of the ORIGINAL model
+    tensors, fresh = load_file(str(tmp_path / ADAPTER_WEIGHTS)), random_model()
+    assert not any(key.endswith(("A0", "B0")) for key in tensors)
+    with torch.no_grad():
+        for name in cfg["layers"]:
+            A, B = tensors[f"{name}.A"], tensors[f"{name}.B"]
+            assert A.shape[0] == rank
+            fresh.get_submodule(name).weight += cfg["alpha"] / cfg["r"] * B @ A
+    idx = random_tokens()
+    torch.testing.assert_close(logits(fresh, idx), logits(model, idx), atol=1e-5, rtol=0)
+    # and through load_adapter, as an adapter without residual
+    fresh = random_model()
+    layers = load_adapter(fresh, tmp_path)
+    assert not any(layer.has_residual for layer in layers.values())
+    torch.testing.assert_close(logits(fresh, idx), logits(model, idx), atol=1e-5, rtol=0)
+
+
+def hf_llama(model, tmp_path):
+    """transformers' LlamaForCausalLM holding the same weights as our `model`."""
+    from transformers import LlamaForCausalLM
+
+    from loranull_mini.checkpoint import save_hf
+    save_hf(model, tmp_path / "hf")
+    return LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+
+
+def test_our_tiny_model_matches_transformers_llama(tmp_path):
+    # The premise of the PEFT test below: without adapters the two stacks agree.
+    idx = random_tokens()
+    with torch.no_grad():
+        theirs = hf_llama(random_model(), tmp_path)(idx).logits
+    torch.testing.assert_close(theirs, logits(random_model(), idx), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "pissa", "null"])
+def test_peft_export_loads_into_peft_on_the_original_hf_weights_with_the_same_logits(method, tmp_path):
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    model = trained_adapter(method, freeze_A=(method == "null"))
+    export_peft(model, tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(hf_llama(random_model(), tmp_path), tmp_path / "peft").eval()
+    # every tensor we wrote is one PEFT expects, and PEFT expects no other
+    ours = load_file(str(tmp_path / "peft" / PEFT_WEIGHTS))
+    assert set(ours) == set(get_peft_model_state_dict(peft_model))
+    assert "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight" in ours
+    cfg = json.loads((tmp_path / "peft" / PEFT_CONFIG).read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["lora_alpha"] / cfg["r"] == 8 / 4   # PEFT's scale = ours
+    idx = random_tokens()
+    with torch.no_grad():
+        theirs = peft_model(idx).logits
+    torch.testing.assert_close(theirs, logits(model, idx), atol=1e-5, rtol=0)
