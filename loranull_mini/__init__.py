@@ -1,0 +1,1 @@
+"""Plumbing for loranull-mini: checkpoint formats, tokenizers, asset fetching, datasets."""
