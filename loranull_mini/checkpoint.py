@@ -1,0 +1,586 @@
+"""Read and write LLaMA checkpoints: GGUF (llama.cpp), HF safetensors, Meta consolidated.pth.
+
+Every reader returns `(ModelConfig, state_dict)` with *our* tensor names (model.py) and q/k
+rows in our rotary layout, so `Transformer(config).load_state_dict(state_dict)` just works.
+Each format is one `{their_name: our_name}` table ("{}" stands for the layer number); one
+loop, `convert`, renames the tensors and asserts that every tensor is used, none is missing
+and every shape matches the config (the style of gpt-fast's convert_hf_checkpoint.py).
+
+Rotary layouts. Rotary embeddings rotate the numbers of a q/k head in pairs.
+- Meta and GGUF files pair neighbours: (x0, x1), (x2, x3), ...           "interleaved"
+- HF files and model.py pair the two halves: (x0, x_{hd/2}), (x1, x_{hd/2+1}), ...
+                                                                          "rotate-half"
+The two are the same model up to a fixed permutation of the q and k output rows of every
+head (scores q.k are unchanged when q and k are permuted alike), so Meta/GGUF q/k rows are
+permuted once at load time by `permute_interleaved_to_half` and back when writing Meta.
+
+Errors are `CheckpointError`s (a ValueError) that name the file and the problem.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from loranull_mini import assets
+from loranull_mini.tokenizer import Tokenizer
+from model import ModelConfig, Transformer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: unknown format, damaged file, wrong tensors."""
+
+
+# ----------------------------------------------------------------------------- rotary layout
+def permute_interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q or k rows from the interleaved-pair rotary layout to rotate-half.
+
+    w: (n_heads * hd, in), the q (n_heads) or k (n_kv_heads) projection. Within a head,
+    interleaved rows are [a0, b0, a1, b1, ...] (pair i = rows 2i, 2i+1); rotate-half rows
+    are [a0, a1, ..., b0, b1, ...] (pair i = rows i, i + hd/2):
+        (n_heads * hd, in) -> (n_heads, hd/2, 2, in) -> transpose -> (n_heads, 2, hd/2, in)
+    """
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute_half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of permute_interleaved_to_half: (n_heads, 2, hd/2, in) -> (n_heads, hd/2, 2, in)."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def unpermute_qk(state_dict: dict, config: ModelConfig) -> dict:
+    """Our state dict with q/k rows turned from interleaved (Meta, GGUF) to rotate-half."""
+    for i in range(config.n_layers):
+        wq, wk = f"layers.{i}.attention.wq.weight", f"layers.{i}.attention.wk.weight"
+        state_dict[wq] = permute_interleaved_to_half(state_dict[wq], config.n_heads)
+        state_dict[wk] = permute_interleaved_to_half(state_dict[wk], config.n_kv_heads)
+    return state_dict
+
+
+# ----------------------------------------------------------------------------- name maps
+# {their name: our name}; None marks a tensor we do not need (a cached rotary table).
+GGUF_NAMES = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "blk.{}.attn_norm.weight": "layers.{}.attention_norm.weight",
+    "blk.{}.attn_q.weight": "layers.{}.attention.wq.weight",
+    "blk.{}.attn_k.weight": "layers.{}.attention.wk.weight",
+    "blk.{}.attn_v.weight": "layers.{}.attention.wv.weight",
+    "blk.{}.attn_output.weight": "layers.{}.attention.wo.weight",
+    "blk.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",
+    "blk.{}.ffn_gate.weight": "layers.{}.feed_forward.w_gate.weight",
+    "blk.{}.ffn_up.weight": "layers.{}.feed_forward.w_up.weight",
+    "blk.{}.ffn_down.weight": "layers.{}.feed_forward.w_down.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+
+HF_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w_gate.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w_up.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w_down.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+META_NAMES = {
+    "tok_embeddings.weight": "tok_embeddings.weight",
+    "layers.{}.attention_norm.weight": "layers.{}.attention_norm.weight",
+    "layers.{}.attention.wq.weight": "layers.{}.attention.wq.weight",
+    "layers.{}.attention.wk.weight": "layers.{}.attention.wk.weight",
+    "layers.{}.attention.wv.weight": "layers.{}.attention.wv.weight",
+    "layers.{}.attention.wo.weight": "layers.{}.attention.wo.weight",
+    "layers.{}.ffn_norm.weight": "layers.{}.ffn_norm.weight",
+    "layers.{}.feed_forward.w1.weight": "layers.{}.feed_forward.w_gate.weight",
+    "layers.{}.feed_forward.w3.weight": "layers.{}.feed_forward.w_up.weight",
+    "layers.{}.feed_forward.w2.weight": "layers.{}.feed_forward.w_down.weight",
+    "norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "rope.freqs": None,
+}
+
+
+def rename(name: str, names: dict) -> str | None:
+    """Look a tensor name up in a {their_name: our_name} table; "{}" is the layer number.
+
+    'model.layers.3.mlp.up_proj.weight' -> pattern 'model.layers.{}.mlp.up_proj.weight'
+    -> 'layers.{}.feed_forward.w_up.weight' -> 'layers.3.feed_forward.w_up.weight'.
+    KeyError if the pattern is not in the table.
+    """
+    layer = re.search(r"\.(\d+)\.", name)
+    target = names[re.sub(r"\.\d+\.", ".{}.", name, count=1)]
+    return None if target is None else target.format(layer.group(1) if layer else "")
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every tensor a checkpoint must hold, by our name (no output.weight if tied)."""
+    D, F, V = config.dim, config.hidden_dim, config.vocab_size
+    q_rows, kv_rows = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    shapes = {"tok_embeddings.weight": (V, D), "norm.weight": (D,)}
+    if not config.tie_embeddings:
+        shapes["output.weight"] = (V, D)
+    for i in range(config.n_layers):
+        shapes.update({
+            f"layers.{i}.attention_norm.weight": (D,),
+            f"layers.{i}.attention.wq.weight": (q_rows, D),
+            f"layers.{i}.attention.wk.weight": (kv_rows, D),
+            f"layers.{i}.attention.wv.weight": (kv_rows, D),
+            f"layers.{i}.attention.wo.weight": (D, q_rows),
+            f"layers.{i}.ffn_norm.weight": (D,),
+            f"layers.{i}.feed_forward.w_gate.weight": (F, D),
+            f"layers.{i}.feed_forward.w_up.weight": (F, D),
+            f"layers.{i}.feed_forward.w_down.weight": (D, F),
+        })
+    return shapes
+
+
+def convert(tensors: dict, names: dict, config: ModelConfig, path) -> dict:
+    """Rename their tensors to ours; assert every tensor is used and every shape matches."""
+    expected = expected_shapes(config)
+    state_dict = {}
+    for their_name, tensor in tensors.items():
+        try:
+            our_name = rename(their_name, names)
+        except KeyError:
+            raise CheckpointError(f"{path}: unexpected tensor {their_name!r} (no LLaMA weight has that name)")
+        if our_name is None:
+            continue
+        if our_name not in expected:
+            raise CheckpointError(f"{path}: unexpected tensor {their_name!r} for a config with "
+                                  f"{config.n_layers} layers, tie_embeddings={config.tie_embeddings}")
+        if tuple(tensor.shape) != expected[our_name]:
+            raise CheckpointError(f"{path}: shape mismatch for tensor {their_name!r}: expected "
+                                  f"{expected[our_name]} from the config, got {tuple(tensor.shape)}")
+        state_dict[our_name] = tensor
+    missing = [name for name in expected if name not in state_dict]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {missing[:4]}"
+                              + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+    return state_dict
+
+
+def tie(state_dict: dict, config: ModelConfig) -> dict:
+    """Add output.weight as the embedding itself when tied (model.state_dict() lists both)."""
+    if config.tie_embeddings:
+        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
+    return state_dict
+
+
+# ----------------------------------------------------------------------------- GGUF
+def open_gguf(path):
+    """A gguf.GGUFReader on the file (parses metadata and tensor info; ~3 s for SmolLM2)."""
+    import gguf  # only the GGUF path needs it (the GPU machines lack it)
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError/IndexError/... on a damaged file
+        raise CheckpointError(f"{path}: not a readable GGUF file (truncated or corrupted?): "
+                              f"{type(e).__name__}: {e}") from e
+
+
+def read_gguf(path) -> tuple[ModelConfig, dict]:
+    """A llama.cpp GGUF file (any quantization gguf can dequantize) -> float32 weights.
+
+    `path` may also be an open GGUFReader (see load_model: the tokenizer reads it too).
+    """
+    import gguf
+
+    reader = path if isinstance(path, gguf.GGUFReader) else open_gguf(path)
+    path = Path(reader.data.filename)  # the file's np.memmap knows its name
+
+    def meta(key, default=None):
+        field = reader.fields.get(key)
+        if field is None:
+            if default is None:
+                raise CheckpointError(f"{path}: GGUF metadata lacks {key!r}")
+            return default
+        value = field.contents()
+        # float32 metadata (eps, theta) back to its decimal value: 9.99999975e-06 -> 1e-05
+        return float(str(np.float32(value))) if isinstance(value, float) else value
+
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    names = {t.name for t in reader.tensors}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    n_heads = meta("llama.attention.head_count")
+    config = ModelConfig(
+        dim=meta("llama.embedding_length"),
+        n_layers=meta("llama.block_count"),
+        n_heads=n_heads,
+        n_kv_heads=meta("llama.attention.head_count_kv", n_heads),
+        vocab_size=len(tokens.data) if tokens is not None else meta("llama.vocab_size"),
+        hidden_dim=meta("llama.feed_forward_length"),
+        norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
+        rope_theta=meta("llama.rope.freq_base", 10000.0),
+        max_seq_len=meta("llama.context_length"),
+        tie_embeddings="output.weight" not in names,
+    )
+    try:
+        # dequantize gives float32 numpy arrays already in torch (out, in) layout
+        tensors = {t.name: _to_tensor(gguf.quants.dequantize(t.data, t.tensor_type))
+                   for t in reader.tensors}
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot dequantize GGUF tensors: {type(e).__name__}: {e}") from e
+    state_dict = unpermute_qk(convert(tensors, GGUF_NAMES, config, path), config)
+    return config, tie(state_dict, config)
+
+
+def _to_tensor(array: np.ndarray) -> torch.Tensor:
+    """float32 torch tensor of a numpy array (copied if it is a read-only view of the file)."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+# ----------------------------------------------------------------------------- HF safetensors
+def read_hf(directory) -> tuple[ModelConfig, dict]:
+    """A transformers LlamaForCausalLM directory: config.json + (sharded) model.safetensors."""
+    directory = Path(directory)
+    config = hf_config(directory / "config.json")
+    tensors = {}
+    for file in safetensors_files(directory):
+        tensors.update(_load_safetensors(file))
+    if config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # some exporters also write the tied copy
+    state_dict = convert(tensors, HF_NAMES, config, directory)
+    return config, tie(state_dict, config)
+
+
+def hf_config(path: Path) -> ModelConfig:
+    """ModelConfig from a transformers 4 or 5 LLaMA config.json."""
+    hf = _read_json(path)
+    if hf.get("model_type") != "llama":
+        raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not supported (only 'llama')")
+    # transformers 5: rope_parameters = {rope_type, rope_theta}; 4: rope_theta + rope_scaling
+    rope = hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}),
+                                         "rope_theta": hf.get("rope_theta", 10000.0)}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    n_heads, dim = hf["num_attention_heads"], hf["hidden_size"]
+    unsupported = [what for what, bad in [
+        (f"rope_type {rope_type!r}", rope_type != "default"),
+        (f"hidden_act {hf.get('hidden_act')!r}", hf.get("hidden_act", "silu") != "silu"),
+        ("attention_bias", hf.get("attention_bias", False)),
+        ("mlp_bias", hf.get("mlp_bias", False)),
+        (f"head_dim {hf.get('head_dim')} != hidden_size / heads",
+         hf.get("head_dim", dim // n_heads) != dim // n_heads),
+    ] if bad]
+    if unsupported:
+        raise CheckpointError(f"{path}: unsupported LLaMA variant: {', '.join(unsupported)}")
+    return ModelConfig(
+        dim=dim,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        vocab_size=hf["vocab_size"],
+        hidden_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope["rope_theta"]),
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+    )
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """model.safetensors, or the shards listed in model.safetensors.index.json."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' in the safetensors index")
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    if (directory / "model.safetensors").exists():
+        return [directory / "model.safetensors"]
+    raise CheckpointError(f"{directory}: has config.json but neither model.safetensors "
+                          "nor model.safetensors.index.json")
+
+
+def _load_safetensors(path: Path) -> dict:
+    try:
+        return load_file(path)
+    except Exception as e:  # SafetensorError, OSError
+        raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupted?): "
+                              f"{type(e).__name__}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- Meta
+# How Meta's model-parallel layers split a weight across consolidated.NN.pth shards:
+# column-parallel (split output rows) along 0, row-parallel (split input columns) along 1.
+# Norms are copied into every shard. The embedding is decided by its shape (below).
+META_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
+
+
+def read_meta(directory) -> tuple[ModelConfig, dict]:
+    """A Meta LLaMA directory: params.json + consolidated.00.pth (.. consolidated.NN.pth)."""
+    directory = Path(directory)
+    params = _read_json(directory / "params.json")
+    files = sorted(directory.glob("consolidated.*.pth"))
+    if not files:
+        raise CheckpointError(f"{directory}: has params.json but no consolidated.*.pth")
+    tensors = merge_meta_shards([_load_pth(f) for f in files], params["dim"], directory)
+    config = meta_config(params, tensors, directory / "params.json")
+    state_dict = unpermute_qk(convert(tensors, META_NAMES, config, directory), config)
+    return config, tie(state_dict, config)
+
+
+def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """The SwiGLU width exactly as Meta's FeedForward computes it from params.json."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)  # round up
+
+
+def meta_config(params: dict, tensors: dict, path: Path) -> ModelConfig:
+    """ModelConfig from params.json (vocab_size -1, as in LLaMA-2, is read off the embedding)."""
+    if params.get("use_scaled_rope"):
+        raise CheckpointError(f"{path}: use_scaled_rope (LLaMA-3.1 rope scaling) is not supported")
+    vocab_size = params.get("vocab_size", -1)
+    if vocab_size <= 0 and "tok_embeddings.weight" in tensors:
+        vocab_size = tensors["tok_embeddings.weight"].shape[0]
+    dim = params["dim"]
+    return ModelConfig(
+        dim=dim,
+        n_layers=params["n_layers"],
+        n_heads=params["n_heads"],
+        n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+        vocab_size=vocab_size,
+        hidden_dim=meta_hidden_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
+        norm_eps=params.get("norm_eps", 1e-5),
+        rope_theta=float(params.get("rope_theta", 10000.0)),
+        max_seq_len=params.get("max_seq_len", 4096),
+        tie_embeddings="output.weight" not in tensors,
+    )
+
+
+def merge_meta_shards(shards: list[dict], dim: int, directory: Path) -> dict:
+    """Concatenate model-parallel shards into full tensors (one shard: returned as is)."""
+    if len(shards) == 1:
+        return shards[0]
+    if any(s.keys() != shards[0].keys() for s in shards):
+        raise CheckpointError(f"{directory}: consolidated.*.pth shards hold different tensor names")
+    merged = {}
+    for name, first in shards[0].items():
+        parts = [s[name] for s in shards]
+        if name == "tok_embeddings.weight":  # LLaMA-2 splits the width, LLaMA-3 the vocabulary
+            cat_dim = 0 if first.shape[1] == dim else 1
+        else:
+            cat_dim = META_SHARD_DIM.get(name.split(".")[-2])  # 'wq', 'w2', 'output', 'ffn_norm'..
+        merged[name] = first if cat_dim is None else torch.cat(parts, dim=cat_dim)
+    return merged
+
+
+def _load_pth(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    except Exception as e:  # RuntimeError from the zip reader, UnpicklingError, ...
+        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint (truncated or corrupted?): "
+                              f"{type(e).__name__}: {e}") from e
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON: {type(e).__name__}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- detection, loading
+def checkpoint_format(path) -> str:
+    """'gguf' (a .gguf file), 'hf' (dir with config.json) or 'meta' (dir with params.json)."""
+    path = Path(path)
+    if path.is_file():
+        with open(path, "rb") as f:
+            if path.suffix == ".gguf" or f.read(4) == b"GGUF":
+                return "gguf"
+    elif (path / "config.json").is_file():
+        return "hf"
+    elif (path / "params.json").is_file():
+        return "meta"
+    what = "does not exist" if not path.exists() else "is an unknown checkpoint format"
+    raise CheckpointError(f"{path}: {what}: expected a .gguf file, a directory with config.json "
+                          "(HF safetensors) or a directory with params.json (Meta)")
+
+
+READERS = {"gguf": read_gguf, "hf": read_hf, "meta": read_meta}
+
+
+def read_checkpoint(path) -> tuple[ModelConfig, dict]:
+    """(config, state dict with our names and rotate-half q/k) from any supported format."""
+    return READERS[checkpoint_format(path)](path)
+
+
+def load_model(path=None, *, device="cpu", dtype=torch.float32):
+    """(Transformer in eval mode, Tokenizer or None) from a checkpoint; None = SmolLM2 GGUF."""
+    path = assets.fetch("smollm2-135m-instruct") if path is None else path
+    if checkpoint_format(path) == "gguf":  # parse the file once for weights and vocabulary
+        reader = open_gguf(path)
+        (config, state_dict), tokenizer = read_gguf(reader), Tokenizer.from_gguf(reader)
+    else:
+        (config, state_dict), tokenizer = read_checkpoint(path), load_tokenizer(path)
+    with torch.device("meta"):  # no memory and no random init: the checkpoint fills it
+        model = Transformer(config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    if config.tie_embeddings:  # assign gave output its own Parameter: share the embedding again
+        model.output.weight = model.tok_embeddings.weight
+    model.to(device=device, dtype=dtype)  # in place: tied embeddings stay one Parameter
+    return model.eval(), tokenizer
+
+
+def load_tokenizer(path):
+    """The tokenizer stored with a checkpoint, when we can build it without transformers:
+    a GGUF's vocabulary, or a LLaMA-3 tiktoken `tokenizer.model` in an HF/Meta directory.
+    Anything else (a SentencePiece tokenizer.model, tokenizer.json only) gives None."""
+    path = Path(path)
+    if checkpoint_format(path) == "gguf":
+        return Tokenizer.from_gguf(path)
+    for candidate in (path / "tokenizer.model", path / "original" / "tokenizer.model"):
+        if candidate.is_file() and is_tiktoken_file(candidate):
+            return Tokenizer.from_llama3(candidate)
+    return None
+
+
+def is_tiktoken_file(path: Path) -> bool:
+    """True for a tiktoken BPE file (LLaMA-3): lines 'base64(token bytes) rank'."""
+    with open(path, "rb") as f:
+        first = f.readline().split()
+    try:
+        return len(first) == 2 and int(first[1]) >= 0 and len(base64.b64decode(first[0], validate=True)) > 0
+    except ValueError:  # binascii.Error is a ValueError too
+        return False
+
+
+# ----------------------------------------------------------------------------- writers
+def _atomic(path: Path, write) -> None:
+    """Run write(tmp) and rename tmp to path, so a crash never leaves half a file at path."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _our_tensors(model: Transformer) -> dict:
+    """The model's checkpoint tensors by our name (output.weight left out when tied)."""
+    state_dict = model.state_dict()
+    missing = [name for name in expected_shapes(model.config) if name not in state_dict]
+    if missing:
+        raise CheckpointError(f"model has no tensor(s) {missing[:4]}: merge and remove LoRA "
+                              "adapters before saving a base checkpoint")
+    return {name: state_dict[name].detach().cpu().contiguous() for name in expected_shapes(model.config)}
+
+
+def _hf_config_json(config: ModelConfig, dtype: torch.dtype) -> dict:
+    """config.json for transformers 5 LlamaForCausalLM."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": config.dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.hidden_dim,
+        "vocab_size": config.vocab_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "max_position_embeddings": config.max_seq_len,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def save_hf(model: Transformer, directory, *, shard_size: int | None = None) -> None:
+    """Write config.json + model.safetensors (rotate-half q/k, as HF stores them).
+
+    shard_size (bytes): split the tensors into model-0000i-of-0000n.safetensors files of at
+    most that size (a bigger single tensor gets a file of its own) plus
+    model.safetensors.index.json. config.json is written last.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ours_to_hf = {ours: theirs for theirs, ours in HF_NAMES.items() if ours is not None}
+    tensors = {rename(name, ours_to_hf): tensor for name, tensor in _our_tensors(model).items()}
+    index = directory / "model.safetensors.index.json"
+    if shard_size is None:
+        _atomic(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        index.unlink(missing_ok=True)  # a stale index would shadow model.safetensors
+    else:
+        shards = _pack(tensors, shard_size)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic(directory / file, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    dtype = next(iter(tensors.values())).dtype
+    _write_json(directory / "config.json", _hf_config_json(model.config, dtype))
+
+
+def _pack(tensors: dict, shard_size: int) -> list[dict]:
+    """Split tensors, in order, into consecutive groups of at most shard_size bytes."""
+    shards, size = [{}], 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def meta_ffn_params(dim: int, hidden_dim: int) -> tuple[int, float | None]:
+    """(multiple_of, ffn_dim_multiplier) for which meta_hidden_dim gives hidden_dim back."""
+    if meta_hidden_dim(dim, 256, None) == hidden_dim:  # LLaMA-2's own choice
+        return 256, None
+    base = int(2 * (4 * dim) / 3)
+    # multiple_of = hidden_dim rounds any width in (0, hidden_dim] up to hidden_dim
+    return hidden_dim, (None if base <= hidden_dim else hidden_dim / base)
+
+
+def save_meta(model: Transformer, directory) -> None:
+    """Write params.json + consolidated.00.pth with Meta names and interleaved q/k rows."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    ours_to_meta = {ours: theirs for theirs, ours in META_NAMES.items() if ours is not None}
+    tensors = {}
+    for name, tensor in _our_tensors(model).items():
+        if name.endswith("attention.wq.weight"):
+            tensor = permute_half_to_interleaved(tensor, config.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            tensor = permute_half_to_interleaved(tensor, config.n_kv_heads)
+        tensors[rename(name, ours_to_meta)] = tensor
+    _atomic(directory / "consolidated.00.pth", lambda tmp: torch.save(tensors, tmp))
+    multiple_of, ffn_dim_multiplier = meta_ffn_params(config.dim, config.hidden_dim)
+    params = {
+        "dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
+        "n_kv_heads": config.n_kv_heads, "vocab_size": config.vocab_size,
+        "multiple_of": multiple_of, "ffn_dim_multiplier": ffn_dim_multiplier,
+        "norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
+        "max_seq_len": config.max_seq_len,
+    }
+    _write_json(directory / "params.json", params)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
