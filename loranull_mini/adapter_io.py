@@ -6,7 +6,7 @@ save_adapter -> adapter.safetensors + adapter_config.json
     A, B of every layer, plus the starting factors A0, B0 of layers whose init moved weight
     out of the base (PiSSA, MiLoRA, CorDA, LoRA-Null). The residual is not stored: it is
     rebuilt from the original base weights, W_res = W - s * B0 @ A0. The config records r,
-    alpha, method, targets, freeze_A and a fingerprint of the original base weights, so
+    alpha, init, targets, freeze_A and a fingerprint of the original base weights, so
     load_adapter refuses a different base model.
 
 export_delta -> the same layout, as a plain additive adapter on the ORIGINAL weights:
@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora import LoRALinear, lora_layers, lora_state_dict, mark_only_lora_trainable, tensor_sha256, wrap_linear
+from model import PROJECTIONS
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -108,22 +109,28 @@ def _adapter_config(layers: dict[str, LoRALinear], config: dict | None, model) -
     """The json config: the caller's fields (e.g. base path, training run) plus what the
     layers themselves know, which must agree with the caller's."""
     first = next(iter(layers.values()))
+    short_names = {path: short for short, path in PROJECTIONS.items()}
     derived = {
-        "method": first.method, "r": first.r, "alpha": first.alpha, "freeze_A": first.freeze_A,
-        "dropout": first.dropout_p,
+        "init": first.method, "r": first.r, "alpha": first.alpha, "freeze_A": first.freeze_A,
+        "dropout": first.dropout_p, "targets": sorted({short_names[n.split(".", 2)[2]] for n in layers},
+                                                      key=list(PROJECTIONS).index),
         "layers": sorted(layers), "base_fingerprint": base_fingerprint(model),
     }
     config = dict(config or {})
     clash = {k: (config[k], v) for k, v in derived.items() if k in config and config[k] != v}
     if clash:
         raise ValueError(f"config disagrees with the model's adapters (given, actual): {clash}")
-    return {**config, **derived}
+    # "method" is a free label for tables (e.g. "null-v2"); by default the init's name.
+    default_label = first.method + ("-v2" if first.method == "null" and first.freeze_A else "")
+    return {"method": default_label, **config, **derived}
 
 
 def save_adapter(model: torch.nn.Module, dir, config: dict | None = None) -> Path:
     """Write adapter.safetensors (A, B, and A0, B0 where the init moved weight) and
-    adapter_config.json (the caller's config plus method, r, alpha, freeze_A, layers and
-    the base-model fingerprint) into dir."""
+    adapter_config.json into dir: the caller's config (e.g. base model path, training
+    settings; "method" is a free label, by default the init's name, "null-v2" for LoRA-Null
+    v2) plus what the adapters determine: init, r, alpha, freeze_A, dropout, targets,
+    layers and the base-model fingerprint."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA adapters to save")
@@ -155,21 +162,21 @@ def load_adapter(model: torch.nn.Module, dir) -> dict[str, LoRALinear]:
     layers = {}
     for name in cfg["layers"]:
         layer = wrap_linear(model, name, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["freeze_A"])
-        _restore_layer(layer, tensors, name, cfg["method"])
+        _restore_layer(layer, tensors, name, cfg["init"])
         layers[name] = layer
     mark_only_lora_trainable(model)
     return layers
 
 
 @torch.no_grad()
-def _restore_layer(layer: LoRALinear, tensors: dict, name: str, method: str):
+def _restore_layer(layer: LoRALinear, tensors: dict, name: str, init: str):
     if f"{name}.A0" in tensors:
         # Rebuild the residual the init left in the base: W_res = W - s * B0 @ A0.
         A0, B0 = tensors[f"{name}.A0"].to(layer.A.device), tensors[f"{name}.B0"].to(layer.A.device)
         W = layer.base.weight
         W_res = (W.float() - layer.scaling * (B0.float() @ A0.float())).to(W.dtype)
-        layer.initialize(A0, B0, W_res, method)
-    layer.method = method
+        layer.initialize(A0, B0, W_res, init)
+    layer.method = init
     layer.A.copy_(tensors[f"{name}.A"])
     layer.B.copy_(tensors[f"{name}.B"])
 

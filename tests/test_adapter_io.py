@@ -43,13 +43,21 @@ def test_saved_config_records_method_rank_alpha_and_base_fingerprint(tmp_path):
     model = trained_adapter("pissa", targets=("q", "up"), r=2, alpha=6)
     save_adapter(model, tmp_path, {"base_model": "tiny-random", "lr": 1e-2})
     cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
-    assert cfg["method"] == "pissa" and cfg["r"] == 2 and cfg["alpha"] == 6 and cfg["freeze_A"] is False
+    assert cfg["init"] == "pissa" and cfg["method"] == "pissa" and cfg["targets"] == ["q", "up"]
+    assert cfg["r"] == 2 and cfg["alpha"] == 6 and cfg["freeze_A"] is False
     assert cfg["base_model"] == "tiny-random" and cfg["lr"] == 1e-2
     assert cfg["base_fingerprint"] == base_fingerprint(random_model()) == base_fingerprint(model)
     assert cfg["layers"] == sorted(f"layers.{i}.{p}" for i in range(2)
                                    for p in ("attention.wq", "feed_forward.w_up"))
     assert len(load_file(str(tmp_path / ADAPTER_WEIGHTS))) == 4 * len(cfg["layers"])  # A, B, A0, B0
     assert {p.name for p in tmp_path.iterdir()} == {ADAPTER_CONFIG, ADAPTER_WEIGHTS}  # no temp files left
+
+
+def test_method_label_defaults_to_the_init_and_names_loranull_v2(tmp_path):
+    save_adapter(trained_adapter("null", freeze_A=True), tmp_path)
+    assert json.loads((tmp_path / ADAPTER_CONFIG).read_text())["method"] == "null-v2"
+    save_adapter(trained_adapter("null"), tmp_path, {"method": "my-label"})
+    assert json.loads((tmp_path / ADAPTER_CONFIG).read_text())["method"] == "my-label"
 
 
 def test_config_that_contradicts_the_adapters_is_refused(tmp_path):
