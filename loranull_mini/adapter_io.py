@@ -105,16 +105,20 @@ def base_fingerprint(model: torch.nn.Module) -> str:
 # Our format
 
 
+def _short_targets(layers) -> list[str]:
+    """layers.0.attention.wq, layers.0.feed_forward.w_up, ... -> ["q", "up"]."""
+    paths = {name.split(".", 2)[2] for name in layers}      # "attention.wq", ...
+    return [short for short, path in PROJECTIONS.items() if path in paths]
+
+
 def _adapter_config(layers: dict[str, LoRALinear], config: dict | None, model) -> dict:
     """The json config: the caller's fields (e.g. base path, training run) plus what the
     layers themselves know, which must agree with the caller's."""
     first = next(iter(layers.values()))
-    short_names = {path: short for short, path in PROJECTIONS.items()}
     derived = {
         "init": first.method, "r": first.r, "alpha": first.alpha, "freeze_A": first.freeze_A,
-        "dropout": first.dropout_p, "targets": sorted({short_names[n.split(".", 2)[2]] for n in layers},
-                                                      key=list(PROJECTIONS).index),
-        "layers": sorted(layers), "base_fingerprint": base_fingerprint(model),
+        "dropout": first.dropout_p, "targets": _short_targets(layers), "layers": sorted(layers),
+        "base_fingerprint": base_fingerprint(model),
     }
     config = dict(config or {})
     clash = {k: (config[k], v) for k, v in derived.items() if k in config and config[k] != v}
@@ -155,10 +159,10 @@ def load_adapter(model: torch.nn.Module, dir) -> dict[str, LoRALinear]:
         raise ValueError("load_adapter needs a plain base model, but this one already has LoRA adapters")
     found = base_fingerprint(model)
     if found != cfg["base_fingerprint"]:
-        raise ValueError(
-            f"adapter in {dir} was made for a different base model (weights or dtype differ): "
-            f"fingerprint {cfg['base_fingerprint'][:12]}..., this model {found[:12]}...; "
-            f"load the checkpoint it was trained on{' (' + cfg['base_model'] + ')' if 'base_model' in cfg else ''}")
+        where = f" ({cfg['base_model']})" if "base_model" in cfg else ""
+        raise ValueError(f"adapter in {dir} was made for a different base model (weights or dtype differ): "
+                         f"fingerprint {cfg['base_fingerprint'][:12]}..., this model {found[:12]}...; "
+                         f"load the checkpoint it was trained on{where}")
     layers = {}
     for name in cfg["layers"]:
         layer = wrap_linear(model, name, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["freeze_A"])
