@@ -19,6 +19,7 @@ Errors are `CheckpointError`s (a ValueError) that name the file and the problem.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -35,6 +36,19 @@ from model import ModelConfig, Transformer
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read: unknown format, damaged file, wrong tensors."""
+
+
+@contextlib.contextmanager
+def config_errors(path):
+    """Turn a missing key or an inconsistent config into a CheckpointError naming the file."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(f"{path}: lacks the key {e}") from None
+    except (ValueError, TypeError) as e:  # e.g. ModelConfig: dim not divisible by n_heads
+        raise CheckpointError(f"{path}: inconsistent config: {e}") from None
 
 
 # ----------------------------------------------------------------------------- rotary layout
@@ -169,8 +183,10 @@ def convert(tensors: dict, names: dict, config: ModelConfig, path) -> dict:
         state_dict[our_name] = tensor
     missing = [name for name in expected if name not in state_dict]
     if missing:
-        raise CheckpointError(f"{path}: missing tensor(s) {missing[:4]}"
-                              + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+        ours_to_theirs = {ours: theirs for theirs, ours in names.items() if ours is not None}
+        listed = ", ".join(f"{rename(name, ours_to_theirs)!r} (our {name})" for name in missing[:4])
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        raise CheckpointError(f"{path}: missing tensor(s) {listed}{more}")
     return state_dict
 
 
@@ -219,18 +235,19 @@ def read_gguf(path) -> tuple[ModelConfig, dict]:
     names = {t.name for t in reader.tensors}
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     n_heads = meta("llama.attention.head_count")
-    config = ModelConfig(
-        dim=meta("llama.embedding_length"),
-        n_layers=meta("llama.block_count"),
-        n_heads=n_heads,
-        n_kv_heads=meta("llama.attention.head_count_kv", n_heads),
-        vocab_size=len(tokens.data) if tokens is not None else meta("llama.vocab_size"),
-        hidden_dim=meta("llama.feed_forward_length"),
-        norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
-        rope_theta=meta("llama.rope.freq_base", 10000.0),
-        max_seq_len=meta("llama.context_length"),
-        tie_embeddings="output.weight" not in names,
-    )
+    with config_errors(path):
+        config = ModelConfig(
+            dim=meta("llama.embedding_length"),
+            n_layers=meta("llama.block_count"),
+            n_heads=n_heads,
+            n_kv_heads=meta("llama.attention.head_count_kv", n_heads),
+            vocab_size=len(tokens.data) if tokens is not None else meta("llama.vocab_size"),
+            hidden_dim=meta("llama.feed_forward_length"),
+            norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
+            rope_theta=meta("llama.rope.freq_base", 10000.0),
+            max_seq_len=meta("llama.context_length"),
+            tie_embeddings="output.weight" not in names,
+        )
     try:
         # dequantize gives float32 numpy arrays already in torch (out, in) layout
         tensors = {t.name: _to_tensor(gguf.quants.dequantize(t.data, t.tensor_type))
@@ -250,7 +267,8 @@ def _to_tensor(array: np.ndarray) -> torch.Tensor:
 def read_hf(directory) -> tuple[ModelConfig, dict]:
     """A transformers LlamaForCausalLM directory: config.json + (sharded) model.safetensors."""
     directory = Path(directory)
-    config = hf_config(directory / "config.json")
+    with config_errors(directory / "config.json"):
+        config = hf_config(directory / "config.json")
     tensors = {}
     for file in safetensors_files(directory):
         tensors.update(_load_safetensors(file))
@@ -330,8 +348,9 @@ def read_meta(directory) -> tuple[ModelConfig, dict]:
     files = sorted(directory.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{directory}: has params.json but no consolidated.*.pth")
-    tensors = merge_meta_shards([_load_pth(f) for f in files], params["dim"], directory)
-    config = meta_config(params, tensors, directory / "params.json")
+    tensors = merge_meta_shards([_load_pth(f) for f in files], params.get("dim"), directory)
+    with config_errors(directory / "params.json"):
+        config = meta_config(params, tensors, directory / "params.json")
     state_dict = unpermute_qk(convert(tensors, META_NAMES, config, directory), config)
     return config, tie(state_dict, config)
 

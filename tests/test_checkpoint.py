@@ -1,0 +1,284 @@
+"""Checkpoint formats: the real SmolLM2 GGUF, the rotary permutation, and clear errors.
+
+Parity with transformers on HF and Meta checkpoints is in test_model_parity.py.
+"""
+import contextlib
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loranull_mini import assets
+from loranull_mini.checkpoint import (CheckpointError, is_tiktoken_file, load_model, meta_ffn_params,
+                                      meta_hidden_dim, permute_half_to_interleaved,
+                                      permute_interleaved_to_half, read_checkpoint, save_hf, save_meta)
+from model import apply_rotary, generate, rotary_cos_sin
+from tests.conftest import random_model
+
+
+def fetch(name):
+    try:
+        return assets.fetch(name)
+    except assets.AssetError as e:
+        pytest.skip(f"asset {name} unavailable: {e}")
+
+
+# ----------------------------------------------------------------------------- real SmolLM2 GGUF
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("gguf")
+    fetch("smollm2-135m-instruct")
+    return load_model()  # ~6-10 s on 2 cores: loaded once for the module
+
+
+def test_smollm2_gguf_config_is_the_published_architecture(smollm2):
+    model, _ = smollm2
+    c = model.config
+    assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size) == (576, 30, 9, 3, 1536, 49152)
+    assert (c.rope_theta, c.norm_eps, c.max_seq_len, c.tie_embeddings) == (100000.0, 1e-5, 8192, True)
+    assert model.num_params() == 134_515_008
+
+
+def test_smollm2_embeddings_are_one_tied_parameter_and_nothing_is_left_on_meta(smollm2):
+    model, _ = smollm2
+    assert model.output.weight is model.tok_embeddings.weight
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def test_smollm2_greedily_continues_capital_of_france_with_paris(smollm2):
+    model, tokenizer = smollm2
+    prompt = tokenizer.encode("The capital of France is")
+    assert prompt == [504, 3575, 282, 4649, 314]
+    new = generate(model, [prompt], max_new_tokens=2)[0]
+    assert tokenizer.decode(new).startswith(" Paris")
+
+
+# ----------------------------------------------------------------------------- rotary layout
+def test_permutations_are_inverse_and_not_the_identity():
+    w = torch.randn(3 * 8, 5)  # 3 heads of head_dim 8
+    half = permute_interleaved_to_half(w, 3)
+    assert not torch.equal(half, w)
+    assert torch.equal(permute_half_to_interleaved(half, 3), w)
+    assert torch.equal(permute_interleaved_to_half(permute_half_to_interleaved(w, 3), 3), w)
+    # head 0 in rotate-half order: the even rows, then the odd rows of interleaved head 0
+    assert torch.equal(half[:8], w[[0, 2, 4, 6, 1, 3, 5, 7]])
+
+
+def interleaved_rotary(x, positions, theta):
+    """Meta's rotary embedding: pairs (2i, 2i+1) as complex numbers, times e^{i pos theta_i}.
+    x (heads, T, hd)."""
+    hd = x.shape[-1]
+    freqs = 1.0 / theta ** (torch.arange(0, hd, 2).double() / hd)        # (hd/2,)
+    angles = positions.double()[:, None] * freqs                          # (T, hd/2)
+    pairs = torch.view_as_complex(x.double().unflatten(-1, (hd // 2, 2)).contiguous())
+    return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+
+
+def test_unpermuted_qk_with_rotate_half_give_the_attention_scores_of_interleaved_rotary():
+    torch.manual_seed(0)
+    H, Hkv, hd, D, T, theta = 4, 2, 16, 32, 7, 10000.0
+    wq, wk, x = torch.randn(H * hd, D), torch.randn(Hkv * hd, D), torch.randn(T, D)
+    positions = torch.arange(T)
+    # Meta: interleaved weights and interleaved rotary
+    q = interleaved_rotary((x @ wq.T).view(T, H, hd).transpose(0, 1), positions, theta)
+    k = interleaved_rotary((x @ wk.T).view(T, Hkv, hd).transpose(0, 1), positions, theta)
+    meta_scores = q @ k.repeat_interleave(H // Hkv, dim=0).transpose(1, 2)   # (H, T, T)
+    # ours: permuted weights and model.py's rotate-half rotary
+    cos, sin = rotary_cos_sin(positions[None], hd, theta)
+    q = apply_rotary((x @ permute_interleaved_to_half(wq, H).T).view(1, T, H, hd).transpose(1, 2), cos, sin)
+    k = apply_rotary((x @ permute_interleaved_to_half(wk, Hkv).T).view(1, T, Hkv, hd).transpose(1, 2), cos, sin)
+    our_scores = q[0] @ k[0].repeat_interleave(H // Hkv, dim=0).transpose(1, 2)
+    torch.testing.assert_close(our_scores.double(), meta_scores, atol=1e-4, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- Meta FFN width
+def test_meta_hidden_dim_reproduces_the_published_llama_widths():
+    assert meta_hidden_dim(4096, 256, None) == 11008      # LLaMA-2 7B
+    assert meta_hidden_dim(8192, 4096, 1.3) == 28672      # LLaMA-2 70B
+    assert meta_hidden_dim(4096, 1024, 1.3) == 14336      # LLaMA-3 8B
+    assert meta_hidden_dim(576, 256, None) == 1536        # SmolLM2-135M's width
+
+
+@pytest.mark.parametrize("dim,hidden_dim", [(576, 1536), (64, 128), (64, 172), (64, 300), (4096, 14336), (100, 7)])
+def test_meta_ffn_params_give_back_any_hidden_dim(dim, hidden_dim):
+    assert meta_hidden_dim(dim, *meta_ffn_params(dim, hidden_dim)) == hidden_dim
+
+
+# ----------------------------------------------------------------------------- tiny GGUF
+def write_gguf(model, path, arch="llama"):
+    """Our model as a llama.cpp GGUF (float32, q/k rows interleaved as llama.cpp stores them)."""
+    gguf = pytest.importorskip("gguf")
+    c = model.config
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(c.n_layers)
+    writer.add_context_length(c.max_seq_len)
+    writer.add_embedding_length(c.dim)
+    writer.add_feed_forward_length(c.hidden_dim)
+    writer.add_head_count(c.n_heads)
+    writer.add_head_count_kv(c.n_kv_heads)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    names = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
+             "attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
+             "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
+             "feed_forward.w_gate": "ffn_gate", "feed_forward.w_up": "ffn_up", "feed_forward.w_down": "ffn_down"}
+    for name, w in model.state_dict().items():
+        if name == "output.weight" and c.tie_embeddings:
+            continue
+        if name.endswith("wq.weight"):
+            w = permute_half_to_interleaved(w, c.n_heads)
+        elif name.endswith("wk.weight"):
+            w = permute_half_to_interleaved(w, c.n_kv_heads)
+        parts = name.removesuffix(".weight").split(".")
+        if parts[0] == "layers":
+            their = f"blk.{parts[1]}.{names['.'.join(parts[2:])]}.weight"
+        else:
+            their = f"{names[parts[0]]}.weight"
+        writer.add_tensor(their, w.numpy().copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tiny_gguf_reads_back_to_the_same_weights(tmp_path, tied):
+    model = random_model(std=0.5, tie_embeddings=tied)
+    config, state_dict = read_checkpoint(write_gguf(model, tmp_path / "tiny.gguf"))
+    assert config == model.config
+    assert state_dict.keys() == model.state_dict().keys()
+    for name, w in model.state_dict().items():
+        assert torch.equal(state_dict[name], w), name
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.fixture
+def hf_dir(tmp_path):
+    save_hf(random_model(), tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+@contextlib.contextmanager
+def raises_naming(path, match):
+    """pytest.raises(CheckpointError, match=match) that also wants `path` in the message."""
+    with pytest.raises(CheckpointError, match=match) as info:
+        yield
+    assert str(path) in str(info.value)
+
+
+def test_unknown_format_is_an_error_naming_the_path(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 64)
+    for path in (tmp_path, tmp_path / "weights.bin"):
+        with raises_naming(path, "unknown checkpoint format"):
+            load_model(path)
+    with raises_naming(tmp_path / "nowhere", "does not exist"):
+        read_checkpoint(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.01], ids=["in-tensor-data", "in-header"])
+def test_truncated_gguf_is_an_error_naming_the_file(tmp_path, keep):
+    path = write_gguf(random_model(), tmp_path / "tiny.gguf")
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    with raises_naming(path, "not a readable GGUF file .truncated or corrupted"):
+        read_checkpoint(path)
+
+
+def test_gguf_of_another_architecture_is_refused(tmp_path):
+    path = write_gguf(random_model(), tmp_path / "tiny.gguf", arch="gpt2")
+    with raises_naming(path, "GGUF architecture 'gpt2' is not supported"):
+        read_checkpoint(path)
+
+
+def test_truncated_safetensors_is_an_error_naming_the_file(hf_dir):
+    file = hf_dir / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-1000])
+    with raises_naming(file, "cannot read safetensors file .truncated or corrupted"):
+        load_model(hf_dir)
+
+
+def test_corrupted_safetensors_header_is_an_error_naming_the_file(hf_dir):
+    file = hf_dir / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[8:16] = b"#garbage"  # the JSON header starts at byte 8
+    file.write_bytes(bytes(data))
+    with raises_naming(file, "cannot read safetensors file"):
+        load_model(hf_dir)
+
+
+def test_missing_tensor_is_named(hf_dir):
+    file = hf_dir / "model.safetensors"
+    tensors = load_file(file)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, file)
+    with raises_naming(hf_dir, r"missing tensor.*'model\.layers\.1\.mlp\.up_proj\.weight' \(our layers\.1\.feed_forward\.w_up\.weight\)"):
+        load_model(hf_dir)
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj.bias",   # not a LLaMA weight
+                                  "model.layers.2.mlp.up_proj.weight"],     # a third layer of two
+                         ids=["bias", "layer"])
+def test_unexpected_tensor_is_named(hf_dir, name):
+    file = hf_dir / "model.safetensors"
+    save_file({**load_file(file), name: torch.zeros(3)}, file)
+    with raises_naming(hf_dir, f"unexpected tensor '{name}'"):
+        load_model(hf_dir)
+
+
+def test_shape_mismatch_names_the_tensor_expected_and_got(hf_dir):
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "intermediate_size": 130}))
+    with raises_naming(hf_dir, r"shape mismatch for tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight': "
+                               r"expected \((130, 64|64, 130)\) from the config, got \((128, 64|64, 128)\)"):
+        load_model(hf_dir)
+
+
+def test_config_without_a_required_key_is_an_error_naming_the_key(hf_dir):
+    config = json.loads((hf_dir / "config.json").read_text())
+    del config["num_attention_heads"]
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with raises_naming(hf_dir / "config.json", "lacks the key 'num_attention_heads'"):
+        load_model(hf_dir)
+
+
+def test_hf_directory_without_weights_is_an_error(hf_dir):
+    (hf_dir / "model.safetensors").unlink()
+    with raises_naming(hf_dir, "neither model.safetensors nor model.safetensors.index.json"):
+        load_model(hf_dir)
+
+
+def test_truncated_meta_checkpoint_is_an_error_naming_the_file(tmp_path):
+    save_meta(random_model(), tmp_path)
+    file = tmp_path / "consolidated.00.pth"
+    file.write_bytes(file.read_bytes()[:2000])
+    with raises_naming(file, "cannot read PyTorch checkpoint .truncated or corrupted"):
+        load_model(tmp_path)
+
+
+def test_unsupported_hf_variant_is_refused(hf_dir):
+    config = json.loads((hf_dir / "config.json").read_text())
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
+    (hf_dir / "config.json").write_text(json.dumps({**config, "rope_parameters": rope, "mlp_bias": True}))
+    with raises_naming(hf_dir / "config.json", "unsupported LLaMA variant: rope_type 'llama3', mlp_bias"):
+        load_model(hf_dir)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+def test_meta_directory_with_llama3_tokenizer_model_loads_that_tokenizer(tmp_path):
+    save_meta(random_model(), tmp_path)
+    shutil.copy(fetch("llama3-tokenizer"), tmp_path / "tokenizer.model")
+    _, tokenizer = load_model(tmp_path)
+    assert tokenizer is not None and tokenizer.n_vocab == 128256
+    assert tokenizer.encode("hello world") == [15339, 1917]
+
+
+def test_sentencepiece_tokenizer_model_gives_no_tokenizer(hf_dir):
+    (hf_dir / "tokenizer.model").write_bytes(b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")  # protobuf
+    assert not is_tiktoken_file(hf_dir / "tokenizer.model")
+    _, tokenizer = load_model(hf_dir)
+    assert tokenizer is None
