@@ -171,7 +171,7 @@ def convert(tensors: dict, names: dict, config: ModelConfig, path) -> dict:
         try:
             our_name = rename(their_name, names)
         except KeyError:
-            raise CheckpointError(f"{path}: unexpected tensor {their_name!r} (no LLaMA weight has that name)")
+            raise CheckpointError(f"{path}: unexpected tensor {their_name!r} (no LLaMA weight has that name)") from None
         if our_name is None:
             continue
         if our_name not in expected:
@@ -447,7 +447,7 @@ def load_model(path=None, *, device="cpu", dtype=torch.float32):
     path = assets.fetch("smollm2-135m-instruct") if path is None else path
     if checkpoint_format(path) == "gguf":  # parse the file once for weights and vocabulary
         reader = open_gguf(path)
-        (config, state_dict), tokenizer = read_gguf(reader), Tokenizer.from_gguf(reader)
+        (config, state_dict), tokenizer = read_gguf(reader), gguf_tokenizer(reader)
     else:
         (config, state_dict), tokenizer = read_checkpoint(path), load_tokenizer(path)
     with torch.device("meta"):  # no memory and no random init: the checkpoint fills it
@@ -465,11 +465,16 @@ def load_tokenizer(path):
     Anything else (a SentencePiece tokenizer.model, tokenizer.json only) gives None."""
     path = Path(path)
     if checkpoint_format(path) == "gguf":
-        return Tokenizer.from_gguf(path)
+        return gguf_tokenizer(open_gguf(path))
     for candidate in (path / "tokenizer.model", path / "original" / "tokenizer.model"):
         if candidate.is_file() and is_tiktoken_file(candidate):
             return Tokenizer.from_llama3(candidate)
     return None
+
+
+def gguf_tokenizer(reader):
+    """The vocabulary a GGUF carries as a Tokenizer, or None when it has none."""
+    return Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
 
 
 def is_tiktoken_file(path: Path) -> bool:

@@ -147,13 +147,19 @@ def write_gguf(model, path, arch="llama"):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_tiny_gguf_reads_back_to_the_same_weights(tmp_path, tied):
+def test_tiny_gguf_reads_back_to_the_same_weights_and_logits(tmp_path, tied):
     model = random_model(std=0.5, tie_embeddings=tied)
-    config, state_dict = read_checkpoint(write_gguf(model, tmp_path / "tiny.gguf"))
+    path = write_gguf(model, tmp_path / "tiny.gguf")
+    config, state_dict = read_checkpoint(path)
     assert config == model.config
     assert state_dict.keys() == model.state_dict().keys()
     for name, w in model.state_dict().items():
         assert torch.equal(state_dict[name], w), name
+    loaded, tokenizer = load_model(path)
+    assert tokenizer is None  # this GGUF carries no vocabulary
+    idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx)[0], model(idx)[0], atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- errors
