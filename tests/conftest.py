@@ -1,4 +1,8 @@
 """Shared fixtures: a tiny random LLaMA with grouped-query attention."""
+import os
+
+# Before torch loads: spinning OpenMP threads slow everything down on a busy 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 import torch
 

