@@ -49,6 +49,11 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def residual_weight(W: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W_res = W - s * B0 @ A0, computed in float32 and returned in W's dtype."""
+    return (W.float() - scaling * (B0.float() @ A0.float())).to(W.dtype)
+
+
 # ----------------------------------------------------------------------------------------
 # The adapter layer
 
@@ -97,9 +102,12 @@ class LoRALinear(nn.Module):
         self.B.copy_(B)
         self.method = method
         if not torch.equal(W_res, self.base.weight):  # the init moved weight into the adapter
-            self.base.weight.copy_(W_res)
             self.A0 = A.detach().float().clone()
             self.B0 = B.detach().float().clone()
+            # One formula for the residual, here and when an adapter is reloaded onto the
+            # original weights, so a reloaded model is bit-identical: W_res = W - s * B0 @ A0
+            # (the init's own W_res equals it up to float rounding).
+            self.base.weight.copy_(residual_weight(self.base.weight, self.A0, self.B0, self.scaling))
 
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A, (out, in), float32: what merging adds to the base weight."""

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora import LoRALinear, lora_layers, lora_state_dict, mark_only_lora_trainable, tensor_sha256, wrap_linear
+from lora import (LoRALinear, lora_layers, lora_state_dict, mark_only_lora_trainable, residual_weight,
+                  tensor_sha256, wrap_linear)
 from model import PROJECTIONS
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
@@ -178,8 +179,7 @@ def _restore_layer(layer: LoRALinear, tensors: dict, name: str, init: str):
         # Rebuild the residual the init left in the base: W_res = W - s * B0 @ A0.
         A0, B0 = tensors[f"{name}.A0"].to(layer.A.device), tensors[f"{name}.B0"].to(layer.A.device)
         W = layer.base.weight
-        W_res = (W.float() - layer.scaling * (B0.float() @ A0.float())).to(W.dtype)
-        layer.initialize(A0, B0, W_res, init)
+        layer.initialize(A0, B0, residual_weight(W, A0, B0, layer.scaling), init)
     layer.method = init
     layer.A.copy_(tensors[f"{name}.A"])
     layer.B.copy_(tensors[f"{name}.B"])
