@@ -75,6 +75,8 @@ class TrainConfig:
     eval_every: int = field(default=20, metadata={"help": "held-out loss and disturbance every N steps"})
     eval_examples: int = field(default=64, metadata={"help": "held-out examples for the task loss"})
     ckpt_every: int = field(default=20, metadata={"help": "write a resumable checkpoint every N steps"})
+    save_covariances: bool = field(default=False, metadata={"help": "also write the calibration covariances "
+                                                                    "(covariances.safetensors, float64)"})
     out: str = field(default="", metadata={"help": "output directory (default: runs/<preset>-<init>)"})
     resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in --out"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
@@ -174,7 +176,7 @@ def load_model_and_data(cfg: TrainConfig, log):
 
 def calibrate(model, calib, targets, rank, world, device, batch_size=4):
     """Input covariances of every target layer over the calibration windows (all ranks)."""
-    collector = nullspace.CovarianceCollector(model, targets, dtype=torch.float32)
+    collector = nullspace.CovarianceCollector(model, targets, dtype=torch.float64)
     mine = calib[rank::world]                          # each rank takes every world-th window
     for i in range(0, len(mine), batch_size):
         collector.add_batch(mine[i:i + batch_size].to(device))
@@ -243,6 +245,17 @@ def load_checkpoint(path: Path, layers, optimizer, cfg: TrainConfig) -> int:
     return state["step"]
 
 
+def save_covariances(path: Path, covariances: dict):
+    """Each distinct covariance once (layers sharing an input share a tensor), atomically."""
+    from safetensors.torch import save_file
+    distinct = {}
+    for name, C in covariances.items():
+        distinct.setdefault(id(C), (name, C))
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({name: C.contiguous().cpu() for name, C in distinct.values()}, str(tmp))
+    os.replace(tmp, path)
+
+
 def write_metrics(path: Path, rows: list[dict]):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -286,7 +299,11 @@ def main(argv=None) -> dict:
     targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
     torch.manual_seed(cfg.seed)
 
+    if rank != 0:
+        dist.barrier()                                 # rank 0 fetches / builds cached assets first
     model, tok, train, test, calib = load_model_and_data(cfg, log)
+    if world > 1 and rank == 0:
+        dist.barrier()
     model.to(device)
     if len(train) < cfg.batch_size:
         raise ValueError(f"{len(train)} training examples, fewer than --batch-size {cfg.batch_size}")
@@ -295,6 +312,8 @@ def main(argv=None) -> dict:
     t0 = time.time()
     covariances = calibrate(model, calib, targets, rank, world, device)
     t_calib = time.time() - t0
+    if cfg.save_covariances and rank == 0:
+        save_covariances(out / "covariances.safetensors", covariances)
     layers = lora.inject_lora(model, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                               init=cfg.init, covariances=covariances, freeze_A=cfg.v2, seed=cfg.seed)
     t_init = time.time() - t0 - t_calib
@@ -319,7 +338,7 @@ def main(argv=None) -> dict:
         start = load_checkpoint(ckpt_path, layers, optimizer, cfg)
         if (out / "metrics.jsonl").is_file():
             metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
-            metrics = [r for r in metrics if r["step"] < start]
+            metrics = [r for r in metrics if r["step"] <= start]
         log(f"resumed    from step {start}")
 
     from tqdm import tqdm

@@ -1,0 +1,172 @@
+"""train.py end to end on the toy world: learning, reloading, exact resume, data parallel, errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from loranull_mini import adapter_io, toy
+from loranull_mini.data import Example, collate
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--preset", "toy", "--steps", "12", "--eval-every", "6", "--ckpt-every", "4", "--batch-size", "16"]
+
+
+def run(tmp_path, *args, name="run"):
+    return train.main(QUICK + ["--out", str(tmp_path / name), *args])
+
+
+def adapter_tensors(out):
+    return load_file(str(Path(out) / "adapter" / "adapter.safetensors"))
+
+
+def probe_logits(model):
+    tok = toy.ToyTokenizer()
+    rows = toy.heldout_facts()[:8] + toy.reverse_task("test", 8)
+    batch = collate([Example(tok.encode_chat([{"role": "user", "content": r["question"]}]), 0) for r in rows], tok.pad_id)
+    model.eval()
+    with torch.no_grad():
+        return model(batch["idx"], pad_mask=batch["pad_mask"])[0]
+
+
+def test_toy_training_loss_falls(tmp_path):
+    result = train.main(["--preset", "toy", "--init", "vanilla", "--steps", "60", "--eval-every", "30",
+                         "--out", str(tmp_path / "run")])
+    losses = [r["loss"] for r in result["metrics"]]
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
+    evals = [r["heldout_loss"] for r in result["metrics"] if "heldout_loss" in r]
+    assert evals[-1] < evals[0]
+    out = Path(result["out"])
+    assert {"adapter", "adapter-delta", "metrics.jsonl", "loss.png", "checkpoint.pt"} <= {p.name for p in out.iterdir()}
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 61))
+
+
+@pytest.mark.parametrize("init", ["vanilla", "pissa", "milora", "corda", "null", "null-v2"])
+def test_each_init_saves_an_adapter_that_reloads_to_identical_logits(tmp_path, init):
+    args = ["--init", "null", "--v2"] if init == "null-v2" else ["--init", init]
+    result = run(tmp_path, *args)
+    trained = probe_logits(result["model"])
+    fresh, _ = toy.load_toy_model()
+    ref = probe_logits(fresh)
+    adapter_io.load_adapter(fresh, Path(result["out"]) / "adapter")
+    torch.testing.assert_close(probe_logits(fresh), trained, rtol=0, atol=1e-5)
+    assert (trained - ref).abs().max() > 1e-3  # training changed the model
+    # the plain-delta export on the original weights gives the same model
+    delta, _ = toy.load_toy_model()
+    adapter_io.load_adapter(delta, Path(result["out"]) / "adapter-delta")
+    torch.testing.assert_close(probe_logits(delta), trained, rtol=1e-4, atol=1e-4)
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
+    full = run(tmp_path, "--init", "null", name="full")
+    real_get_lr = train.get_lr
+
+    def crash_at_step_7(step, cfg):
+        if step == 7:
+            raise KeyboardInterrupt("simulated crash")
+        return real_get_lr(step, cfg)
+
+    monkeypatch.setattr(train, "get_lr", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "--init", "null", name="crashed")
+    saved = torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 4                                   # the last checkpoint before the crash
+    monkeypatch.setattr(train, "get_lr", real_get_lr)
+    resumed = run(tmp_path, "--init", "null", "--resume", name="crashed")
+    a, b = adapter_tensors(full["out"]), adapter_tensors(resumed["out"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(l)["step"] for l in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_resume_refuses_changed_settings_and_fresh_run_refuses_to_overwrite(tmp_path):
+    run(tmp_path, "--init", "vanilla")
+    with pytest.raises(ValueError, match="differ"):
+        run(tmp_path, "--init", "vanilla", "--rank", "4", "--resume")
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(tmp_path, "--init", "vanilla")
+
+
+def test_loss_mask_leaves_prompt_tokens_out_of_the_loss():
+    # prompt = 3 tokens, answer = 2 tokens: targets t=2 and t=3 (the answer tokens) only
+    batch = collate([Example([5, 6, 7, 8, 9], 3), Example([5, 6, 8, 9], 2)], pad_id=0)
+    assert batch["idx"].tolist() == [[5, 6, 7, 8], [5, 6, 8, 0]]
+    assert batch["targets"].tolist() == [[6, 7, 8, 9], [6, 8, 9, -100]]
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 1, 0]]
+    model, _ = toy.load_toy_model()
+    logits, loss = model(batch["idx"], batch["targets"], batch["loss_mask"])
+    logp = torch.log_softmax(logits, -1)
+    by_hand = -(logp[0, 2, 8] + logp[0, 3, 9] + logp[1, 1, 8] + logp[1, 2, 9]) / 4
+    torch.testing.assert_close(loss, by_hand)
+    # whatever the prompt targets are, the loss is the same
+    other = batch["targets"].clone()
+    other[0, :2] = torch.tensor([1, 2])
+    torch.testing.assert_close(model(batch["idx"], other, batch["loss_mask"])[1], loss)
+
+
+def test_data_parallel_matches_one_process(tmp_path):
+    if shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None:
+        pytest.fail("torchrun not found next to the Python interpreter")
+    args = ["--preset", "toy", "--init", "null", "--steps", "6", "--batch-size", "16", "--grad-accum", "2",
+            "--eval-every", "3", "--save-covariances"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True, cwd=ROOT)
+    ddp = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
+                          "--master_port", "29517", str(ROOT / "train.py"), *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, cwd=ROOT)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    # the covariances are all-reduced: both runs see the same C, hence the same init
+    c1, c2 = load_file(str(tmp_path / "one" / "covariances.safetensors")), load_file(str(tmp_path / "two" / "covariances.safetensors"))
+    assert c1.keys() == c2.keys()
+    for k in c1:
+        torch.testing.assert_close(c1[k], c2[k], rtol=1e-10, atol=1e-12)
+    a1, a2 = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    for k in (k for k in a1 if k.endswith((".A0", ".B0"))):
+        torch.testing.assert_close(a1[k], a2[k], rtol=1e-5, atol=1e-6)
+    # the same global batch gives the same loss at every step, and the same trained adapter
+    l1 = [json.loads(l)["loss"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    l2 = [json.loads(l)["loss"] for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(l1) == len(l2) == 6
+    for x, y in zip(l1, l2):
+        assert abs(x - y) < 1e-4 * abs(x), (l1, l2)
+    for k in a1:
+        torch.testing.assert_close(a1[k], a2[k], rtol=1e-3, atol=1e-4)
+
+
+def test_bad_input_gives_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--init", "lora-xl"])
+    assert "invalid choice: 'lora-xl'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--rank must be at least 1"):
+        run(tmp_path, "--rank", "0")
+    with pytest.raises(FileNotFoundError, match="no-such.jsonl"):
+        train.main(["--data", str(tmp_path / "no-such.jsonl"), "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--v2"):
+        run(tmp_path, "--init", "pissa", "--v2")
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    real = train.masked_nll
+    calls = {"n": 0}
+
+    def nan_after_five_steps(logits, targets, loss_mask=None):
+        total, count = real(logits, targets, loss_mask)
+        calls["n"] += 1
+        return (total * float("nan"), count) if calls["n"] > 5 else (total, count)
+
+    monkeypatch.setattr(train, "masked_nll", nan_after_five_steps)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 5"):
+        run(tmp_path, "--init", "vanilla")
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 4 and all(torch.isfinite(v["B"]).all() for v in saved["adapters"].values())
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 4
