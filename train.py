@@ -308,7 +308,14 @@ def main(argv=None) -> dict:
     if len(train) < cfg.batch_size:
         raise ValueError(f"{len(train)} training examples, fewer than --batch-size {cfg.batch_size}")
 
+    log(f"model      {cfg.model or ('toy' if cfg.preset == 'toy' else 'SmolLM2-135M-Instruct')}: "
+        f"{model.num_params() / 1e6:.1f}M params")
+    log(f"data       {len(train)} train / {len(test)} held-out examples; calibration "
+        f"{calib.shape[0]} x {calib.shape[1]} tokens")
+    log(f"device     {device}{' bfloat16 autocast' if autocast_dtype else ' float32'}, {world} process(es)")
+
     # 1. calibration: C = X^T X / N for every target layer, then 2. the adapter init
+    log("calibrating: collecting the input covariance of every target layer ...")
     t0 = time.time()
     covariances = calibrate(model, calib, targets, rank, world, device)
     t_calib = time.time() - t0
@@ -319,15 +326,10 @@ def main(argv=None) -> dict:
     t_init = time.time() - t0 - t_calib
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
-    log(f"model      {cfg.model or ('toy' if cfg.preset == 'toy' else 'SmolLM2-135M-Instruct')}: "
-        f"{model.num_params() / 1e6:.1f}M params, {n_trainable / 1e6:.3f}M trainable "
-        f"({100 * n_trainable / model.num_params():.2f}%)")
-    log(f"method     {cfg.init}{' v2 (A frozen)' if cfg.v2 else ''}, r={cfg.rank}, alpha={cfg.alpha}, "
-        f"targets={','.join(targets)} ({len(layers)} layers)")
-    log(f"data       {len(train)} train / {len(test)} held-out examples; calibration "
-        f"{calib.shape[0]} x {calib.shape[1]} tokens")
-    log(f"device     {device}{' bfloat16 autocast' if autocast_dtype else ' float32'}, {world} process(es)")
     log(f"init       covariances {t_calib:.1f}s, adapter init {t_init:.1f}s")
+    log(f"method     {cfg.init}{' v2 (A frozen)' if cfg.v2 else ''}, r={cfg.rank}, alpha={cfg.alpha}, "
+        f"targets={','.join(targets)} ({len(layers)} layers), {n_trainable / 1e6:.3f}M trainable "
+        f"({100 * n_trainable / model.num_params():.2f}%)")
 
     ddp_model = model
     if world > 1:
