@@ -186,14 +186,33 @@ def calibrate(model, calib, targets, rank, world, device, batch_size=4):
     return collector.finalize()
 
 
-def knowledge_disturbance(layers, covariances) -> float:
-    """Mean over layers of ||dW X|| / ||W X|| on the calibration inputs, where W is the
-    original weight and dW = W_now - W (from the covariance: no activations kept)."""
+def base_energies(layers, covariances) -> dict[str, float]:
+    """trace(W C W^T) = ||W X||^2 / N of every layer's ORIGINAL weight W (computed once)."""
+    out = {}
+    for name, layer in layers.items():
+        W = layer.base.weight.double()
+        if layer.has_residual:                         # the original weight: W = W_res + s B0 A0
+            W = W + layer.scaling * layer.B0.double() @ layer.A0.double()
+        out[name] = float(((W @ covariances[name]) * W).sum())
+    return out
+
+
+@torch.no_grad()
+def knowledge_disturbance(layers, covariances, energies) -> float:
+    """Mean over layers of ||dW X|| / ||W X|| on the calibration inputs (W: original weight).
+
+    dW = s (B A - B0 A0) = s [B | -B0] [A; A0] = F G has rank <= 2r, so
+    ||dW X||^2 / N = trace(F^T F  G C G^T): O(r n^2) per layer, no (m, n) product needed.
+    """
     values = []
     for name, layer in layers.items():
-        W_now = layer.base.weight.float() + (0 if layer.merged else layer.delta_weight())
-        W0 = layer.base.weight.float() + (layer.scaling * layer.B0 @ layer.A0 if layer.has_residual else 0)
-        values.append(nullspace.knowledge_disturbance(W_now - W0, W0, covariances[name]))
+        F, G = layer.B.double(), layer.A.double()                      # (m, r), (r, n)
+        if layer.has_residual:
+            F = torch.cat([F, -layer.B0.double()], dim=1)               # (m, 2r)
+            G = torch.cat([G, layer.A0.double()], dim=0)                # (2r, n)
+        GCG = G @ covariances[name] @ G.T                               # (2r, 2r)
+        update = layer.scaling ** 2 * float(((F.T @ F) * GCG).sum())    # trace((F^T F)(G C G^T))
+        values.append(math.sqrt(max(update, 0.0) / energies[name]))
     return sum(values) / len(values)
 
 
@@ -331,6 +350,7 @@ def main(argv=None) -> dict:
         f"targets={','.join(targets)} ({len(layers)} layers), {n_trainable / 1e6:.3f}M trainable "
         f"({100 * n_trainable / model.num_params():.2f}%)")
 
+    energies = base_energies(layers, covariances)
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -387,7 +407,7 @@ def main(argv=None) -> dict:
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             row["heldout_loss"] = heldout_loss(model, test[:cfg.eval_examples], tok.pad_id, cfg, device, autocast_dtype)
-            row["disturbance"] = knowledge_disturbance(layers, covariances)
+            row["disturbance"] = knowledge_disturbance(layers, covariances, energies)
             bar.write(f"step {step + 1}: held-out loss {row['heldout_loss']:.4f}, "
                       f"knowledge disturbance {row['disturbance']:.4f}") if rank == 0 else None
         metrics.append(row)

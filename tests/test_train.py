@@ -170,3 +170,20 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 4 and all(torch.isfinite(v["B"]).all() for v in saved["adapters"].values())
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("init", ["vanilla", "null"])
+def test_logged_disturbance_equals_the_dense_formula(tmp_path, init):
+    import nullspace
+    result = run(tmp_path, "--init", init)
+    layers, covs = result["layers"], result["covariances"]
+    dense = []
+    for name, layer in layers.items():
+        W_now = layer.base.weight.double() + layer.delta_weight().double()
+        W0 = layer.base.weight.double() + (layer.scaling * layer.B0.double() @ layer.A0.double()
+                                           if layer.has_residual else 0)
+        dense.append(nullspace.knowledge_disturbance(W_now - W0, W0, covs[name]))
+    logged = train.knowledge_disturbance(layers, covs, train.base_energies(layers, covs))
+    assert logged == pytest.approx(sum(dense) / len(dense), rel=1e-6)
+    assert logged > 1e-4
+    assert result["metrics"][-1]["disturbance"] == pytest.approx(logged, rel=1e-9)
