@@ -92,7 +92,9 @@ PRESETS = {
 
 
 def parse_args(argv=None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="--preset toy changes these defaults: " +
+                                     ", ".join(f"{k}={v}" for k, v in PRESETS["toy"].items()))
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
@@ -100,7 +102,7 @@ def parse_args(argv=None) -> TrainConfig:
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
-                                help=f"{f.metadata['help']} (default: {f.default!r})")
+                                help=f.metadata["help"] + (f" (default: {f.default})" if f.default != "" else ""))
     given = vars(parser.parse_args(argv))
     return TrainConfig(**{**PRESETS.get(given.get("preset", "real"), {}), **given})
 
