@@ -25,13 +25,14 @@ W_res + s * B @ A == W. Every init is a pure function of tensors; the hooks of s
 the only code here that touches a model.
 """
 
+import contextlib
 import math
 import warnings
 
 import torch
 from torch import Tensor, nn
 
-from model import PROJECTIONS
+from model import PROJECTIONS, rotary_cos_sin
 
 # -----------------------------------------------------------------------------
 # 1. Calibration covariances
@@ -49,8 +50,9 @@ SHARED_INPUT = {
 }
 
 
-def input_groups(model: nn.Module, targets=ALL_TARGETS) -> dict[str, list[str]]:
-    """{hooked layer: all targeted layers that read the same input}, for every block.
+def input_groups(model: nn.Module, targets=ALL_TARGETS, blocks=None) -> dict[str, list[str]]:
+    """{hooked layer: all targeted layers that read the same input}, for every block
+    (or only for the block indices in `blocks`).
 
     Names are module paths such as "layers.3.attention.wq". The first targeted layer of a
     group is the one that gets the hook; e.g. with all seven targets, block 3 gives
@@ -62,7 +64,7 @@ def input_groups(model: nn.Module, targets=ALL_TARGETS) -> dict[str, list[str]]:
         raise ValueError(f"unknown LoRA targets {unknown}; choose from {list(PROJECTIONS)}")
     targets = list(dict.fromkeys(targets))  # drop repeats, keep the order
     groups = {}
-    for i in range(len(model.layers)):
+    for i in (range(len(model.layers)) if blocks is None else blocks):
         hooked_name_of_input = {}  # shared input -> the layer that is hooked for it
         for t in targets:
             name = f"layers.{i}.{PROJECTIONS[t]}"
@@ -96,9 +98,9 @@ class CovarianceCollector:
     """
 
     def __init__(self, model: nn.Module, targets=ALL_TARGETS, *, dtype=torch.float64,
-                 per_sample_max_norm: bool = False):
+                 per_sample_max_norm: bool = False, blocks=None):
         self.model = model
-        self.groups = input_groups(model, targets)
+        self.groups = input_groups(model, targets, blocks)  # blocks: hook only these blocks
         self.dtype = dtype  # dtype of the per-batch product X.T @ X; sums are always float64
         self.per_sample_max_norm = per_sample_max_norm
         self.sums: dict[str, Tensor] = {}
@@ -121,6 +123,27 @@ class CovarianceCollector:
         self.sums[name] += (x.T @ x).to(torch.float64)  # (n, n)
         self.counts[name] += x.shape[0]
 
+    @contextlib.contextmanager
+    def recording(self, keep: Tensor | None):
+        """Inside this context every forward of a hooked layer adds its input to the sums.
+
+        keep (B, T) bool marks the real tokens of the batch that will run (None: all real).
+        The hooks only forward the input to _accumulate: nothing is stored on modules, and
+        they are removed on leaving, also after an error.
+        """
+        def make_hook(name):
+            return lambda module, args, output: self._accumulate(name, args[0].detach(), keep)
+
+        handles = []
+        try:
+            for name in self.groups:
+                module = self.model.get_submodule(name)  # a plain Linear or a LoRA wrapper
+                handles.append(module.register_forward_hook(make_hook(name)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def add_batch(self, idx: Tensor, pad_mask: Tensor | None = None):
         """Run the model once on idx (B, T) and accumulate every hooked layer's input.
 
@@ -132,23 +155,12 @@ class CovarianceCollector:
         keep = None if pad_mask is None else pad_mask.to(device=device, dtype=torch.bool)
         if keep is not None and keep.shape != idx.shape:
             raise ValueError(f"pad_mask shape {tuple(keep.shape)} != idx shape {tuple(idx.shape)}")
-
-        def make_hook(name):
-            # The hook only forwards the input to _accumulate: nothing is stored on modules.
-            return lambda module, args, output: self._accumulate(name, args[0].detach(), keep)
-
         was_training = self.model.training
-        handles = []
         try:
-            for name in self.groups:
-                module = self.model.get_submodule(name)  # a plain Linear or a LoRA wrapper
-                handles.append(module.register_forward_hook(make_hook(name)))
             self.model.eval()
-            with torch.no_grad():
+            with self.recording(keep), torch.no_grad():
                 self.model(idx, pad_mask=keep)
         finally:
-            for handle in handles:
-                handle.remove()
             self.model.train(was_training)
 
     def finalize(self) -> dict[str, Tensor]:
@@ -195,6 +207,123 @@ def collect_covariances(model: nn.Module, batches, targets=ALL_TARGETS, *,
     return collector.finalize()
 
 
+def _batch_and_mask(batch, device) -> tuple[Tensor, Tensor | None]:
+    """(idx, keep) on device from an `idx` or an `(idx, pad_mask)` calibration batch."""
+    idx, pad_mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
+    idx = idx.to(device)
+    keep = None if pad_mask is None else pad_mask.to(device=device, dtype=torch.bool)
+    if keep is not None and keep.shape != idx.shape:
+        raise ValueError(f"pad_mask shape {tuple(keep.shape)} != idx shape {tuple(idx.shape)}")
+    return idx, keep
+
+
+def calibrate_blockwise(model: nn.Module, batches, targets=ALL_TARGETS, *, init_block=None,
+                        dtype=torch.float64, per_sample_max_norm: bool = False,
+                        keep_covariances: bool = True, covariance_device=None, hidden_device=None,
+                        distributed: bool = False) -> dict[str, Tensor]:
+    """The covariances of collect_covariances, collected one transformer block at a time.
+
+    collect_covariances runs every batch through the whole model with hooks in every block,
+    so the running sums of all blocks are alive at once (LLaMA-2-7B: 32 blocks x 1.4 GB in
+    float64). Here the calibration tokens travel through the model one block at a time:
+
+        h_b = token embeddings of batch b, for every batch b          (N tokens x dim)
+        for each block i:
+            for each batch b: run block i on h_b with hooks (its 4 covariance sums),
+                              and overwrite h_b with the block's output
+            C_i = the block's covariances;  init_block(i, C_i);  then C_i is dropped
+
+    Memory: the hidden states of all calibration tokens plus one block's sums, whatever the
+    depth. Block i runs with the weights it had before init_block(i, ...), as in a forward
+    of the whole model, so the covariances equal collect_covariances' bit for bit (same
+    products in the same order), and so do the inits computed from them. (Every init keeps
+    the block's output, so recomputing it after the init would change only rounding.)
+
+    batches, targets, dtype, per_sample_max_norm: as in collect_covariances (train.py uses
+        dtype=torch.float32 products; the sums are float64 either way).
+    init_block(i, covariances): called when block i's {layer name: C} is complete, e.g. to
+        initialise the block's adapters (inject_lora_blockwise does).
+    keep_covariances: return every block's covariances (float64, moved to covariance_device,
+        default the model's device; "cpu" keeps them off a GPU); False returns {}.
+    hidden_device: where the hidden states wait between blocks (default the model's device).
+    distributed: sum each block's sums and counts over the torch.distributed ranks; every
+        rank passes its own share of the batches (at least one batch each).
+    """
+    config = model.config
+    device = next(model.parameters()).device
+    hidden_device = device if hidden_device is None else torch.device(hidden_device)
+    covariances, moved = {}, {}  # moved: id of a block's C -> its copy, so sharing survives
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            inputs = [_batch_and_mask(batch, device) for batch in batches]
+            hidden = [model.tok_embeddings(idx).to(hidden_device) for idx, _ in inputs]  # (B, T, D) each
+            for i, block in enumerate(model.layers):
+                collector = CovarianceCollector(model, targets, dtype=dtype, blocks=[i],
+                                                per_sample_max_norm=per_sample_max_norm)
+                for b, (idx, keep) in enumerate(inputs):
+                    positions, mask = model._positions_and_mask(idx, keep, None)
+                    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
+                    with collector.recording(keep):
+                        hidden[b] = block(hidden[b].to(device), cos, sin, mask).to(hidden_device)
+                if distributed:
+                    for t in list(collector.sums.values()) + list(collector.counts.values()):
+                        torch.distributed.all_reduce(t)
+                block_covariances = collector.finalize()
+                if init_block is not None:
+                    init_block(i, block_covariances)
+                if keep_covariances:
+                    for name, C in block_covariances.items():
+                        if id(C) not in moved:
+                            moved[id(C)] = C.to(covariance_device or C.device)
+                        covariances[name] = moved[id(C)]
+                del collector, block_covariances
+    finally:
+        model.train(was_training)
+    return covariances
+
+
+def inject_lora_blockwise(model: nn.Module, batches, targets=ALL_TARGETS, *, r: int = 8,
+                          alpha: float = 16, dropout: float = 0.0, init: str = "null",
+                          freeze_A: bool = False, seed: int = 0, **calibration):
+    """Calibrate and initialise the adapters block by block: (layers, covariances).
+
+    The same adapters as `lora.inject_lora(model, targets, r, alpha, dropout, init,
+    covariances=collect_covariances(model, batches, targets), freeze_A=freeze_A, seed=seed)`
+    (vanilla's random A included: layers draw in the same order from one generator), but
+    each block is initialised as soon as its covariances are complete, so they can be
+    dropped (keep_covariances=False) before the next block runs. Layers that read the same
+    input share one eigh for the null basis. **calibration: the keywords of
+    calibrate_blockwise (dtype, keep_covariances, covariance_device, hidden_device, ...).
+    """
+    import lora  # lora imports this module; importing it at call time avoids the cycle
+
+    if init not in lora.INITS:
+        raise ValueError(f"unknown init {init!r}; valid inits: {list(lora.INITS)}")
+    names = lora.target_module_names(model, targets)  # module order, as inject_lora draws
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+
+    def init_block(i, covariances):
+        bases = {}  # id(C) -> null basis of C, computed once per shared input
+        for name in (n for n in names if n.startswith(f"layers.{i}.")):
+            layer = lora.wrap_linear(model, name, r, alpha, dropout, freeze_A)
+            W, C = layer.base.weight.detach(), covariances[name]
+            if init == "null":
+                if id(C) not in bases:
+                    bases[id(C)] = null_basis(C.to(W.device), r)
+                A, B, W_res = loranull_init(W, C, r, alpha, U_null=bases[id(C)])
+            else:
+                A, B, W_res = lora.init_factors(init, W, r, alpha, C, generator)
+            layer.initialize(A, B, W_res, method=init)
+            layers[name] = layer
+
+    covariances = calibrate_blockwise(model, batches, targets, init_block=init_block, **calibration)
+    lora.mark_only_lora_trainable(model)
+    return layers, covariances
+
+
 # -----------------------------------------------------------------------------
 # 2. The null basis and the LoRA-Null initialisation
 
@@ -233,7 +362,8 @@ def null_basis(C: Tensor, r: int) -> Tensor:
     return Q[:, :r]
 
 
-def loranull_init(W: Tensor, C: Tensor, r: int, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+def loranull_init(W: Tensor, C: Tensor, r: int, alpha: float, *,
+                  U_null: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """LoRA-Null: A, B from the projection of W onto the null space of the activations.
 
     The paper's construction (Tang et al. 2025, the LoRA-Null method section):
@@ -248,11 +378,13 @@ def loranull_init(W: Tensor, C: Tensor, r: int, alpha: float) -> tuple[Tensor, T
 
     Returns A (r, n), B (m, r), W_res (m, n) with W_res + s * B @ A == W, s = alpha / r,
     and every row of A in span(U_null), so A @ x ~ 0 for knowledge-like inputs x.
+    U_null: null_basis(C, r) when it is already known (layers that read the same input
+    share C, and the eigh is the expensive step).
     """
     check_init_inputs(W, C, r, alpha)
     s = alpha / r
     W64 = W.detach().to(torch.float64)
-    U_null = null_basis(C.to(W.device), r)  # (n, r)
+    U_null = null_basis(C.to(W.device), r) if U_null is None else U_null.to(W.device, torch.float64)  # (n, r)
     U_w, S, Qh = torch.linalg.svd(W64 @ U_null, full_matrices=False)  # (m, r), (r,), (r, r)
     root = torch.sqrt(S / s)  # (r,)
     A = root[:, None] * (Qh @ U_null.T)  # (r, n) = diag(sqrt(S/s)) (U_null Q').T

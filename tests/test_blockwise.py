@@ -1,0 +1,156 @@
+"""Block-by-block calibration (nullspace.calibrate_blockwise) against all-at-once collection.
+
+Block by block, the calibration tokens go through one transformer block at a time and each
+block's adapters are initialised before the next block runs, so only one block's
+covariances are alive. It must give exactly what collecting over the whole model gives:
+the same covariances, and the same adapters as inject_lora after collect_covariances.
+"""
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lora
+import nullspace as ns
+from tests.conftest import random_model
+
+
+def padded_batches(seed=0):
+    """Three batches: no padding, right padding, left padding (pad id 0 marked False)."""
+    g = torch.Generator().manual_seed(seed)
+    plain = torch.randint(1, 97, (3, 40), generator=g)
+    right = torch.randint(1, 97, (2, 24), generator=g)
+    right_keep = torch.ones_like(right, dtype=torch.bool)
+    right_keep[0, 17:] = False
+    left = torch.randint(1, 97, (2, 30), generator=g)
+    left_keep = torch.ones_like(left, dtype=torch.bool)
+    left_keep[1, :11] = False
+    return [(plain, None), (right.masked_fill(~right_keep, 0), right_keep),
+            (left.masked_fill(~left_keep, 0), left_keep)]
+
+
+def all_at_once_and_blockwise(dtype, targets=ns.ALL_TARGETS, **kwargs):
+    model = random_model(std=0.1)
+    batches = padded_batches()
+    reference = ns.collect_covariances(model, batches, targets, dtype=dtype, **kwargs)
+    blockwise = ns.calibrate_blockwise(model, batches, targets, dtype=dtype, **kwargs)
+    return reference, blockwise
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_blockwise_covariances_equal_all_at_once_collection(dtype):
+    reference, blockwise = all_at_once_and_blockwise(dtype)
+    assert list(blockwise) == list(reference)
+    for name in reference:
+        assert blockwise[name].dtype == torch.float64
+        assert torch.equal(blockwise[name], reference[name]), name
+
+
+def test_blockwise_respects_targets_and_per_sample_max_norm():
+    reference, blockwise = all_at_once_and_blockwise(torch.float32, ("v", "down"), per_sample_max_norm=True)
+    assert sorted(blockwise) == sorted(reference) == sorted(
+        f"layers.{i}.{p}" for i in range(2) for p in ("attention.wv", "feed_forward.w_down"))
+    for name in reference:
+        assert torch.equal(blockwise[name], reference[name]), name
+
+
+def test_blockwise_shares_one_covariance_per_input_also_when_moved():
+    model = random_model()
+    covariances = ns.calibrate_blockwise(model, padded_batches(), covariance_device="cpu",
+                                         hidden_device="cpu")
+    for i in range(2):
+        q, k, v = (covariances[f"layers.{i}.attention.w{p}"] for p in "qkv")
+        assert q is k and k is v
+        assert covariances[f"layers.{i}.feed_forward.w_gate"] is covariances[f"layers.{i}.feed_forward.w_up"]
+
+
+def test_each_block_is_handed_over_complete_and_then_freed():
+    """init_block(i) sees only block i; with keep_covariances=False nothing of block i
+    outlives the call: memory does not grow with depth."""
+    model = random_model()
+    reference = ns.collect_covariances(model, padded_batches())
+    seen, alive = [], []
+
+    def init_block(i, covariances):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in previous))
+        seen.append(i)
+        assert all(name.startswith(f"layers.{i}.") for name in covariances)
+        assert {n for n in reference if n.startswith(f"layers.{i}.")} == set(covariances)
+        for name, C in covariances.items():
+            assert torch.equal(C, reference[name])
+        previous[:] = [weakref.ref(C) for C in covariances.values()]
+
+    previous = []
+    kept = ns.calibrate_blockwise(model, padded_batches(), init_block=init_block, keep_covariances=False)
+    assert kept == {} and seen == [0, 1] and alive == [0, 0]
+
+
+@pytest.mark.parametrize("init", ["null", "corda", "vanilla", "pissa", "milora"])
+def test_blockwise_injection_equals_inject_lora_after_collection(init):
+    batches = padded_batches()
+    reference_model, model = random_model(std=0.1), random_model(std=0.1)
+    torch.manual_seed(3)  # LoRALinear's constructor draws from the global generator
+    covariances = ns.collect_covariances(reference_model, batches, dtype=torch.float32)
+    reference = lora.inject_lora(reference_model, r=4, alpha=8, init=init, covariances=covariances,
+                                 freeze_A=init == "null", seed=5)
+    torch.manual_seed(3)
+    layers, blockwise_covariances = ns.inject_lora_blockwise(model, batches, r=4, alpha=8, init=init,
+                                                             freeze_A=init == "null", seed=5,
+                                                             dtype=torch.float32)
+    assert list(layers) == list(reference)
+    for name, layer in layers.items():
+        assert torch.equal(blockwise_covariances[name], covariances[name])
+        for key in ("A", "B", "A0", "B0"):
+            ours, theirs = getattr(layer, key), getattr(reference[name], key)
+            assert (ours is None) == (theirs is None)
+            if ours is not None:
+                assert torch.equal(ours, theirs), (name, key)
+        assert torch.equal(layer.base.weight, reference[name].base.weight), name
+        assert layer.A.requires_grad == (init != "null") and layer.B.requires_grad
+    assert not any(p.requires_grad for n, p in model.named_parameters() if not n.endswith((".A", ".B")))
+
+
+def test_blockwise_null_init_keeps_the_model_output():
+    model = random_model(std=0.1)
+    idx = torch.randint(1, 97, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before, _ = model(idx)
+    ns.inject_lora_blockwise(model, padded_batches(), r=8, alpha=16, init="null")
+    with torch.no_grad():
+        after, _ = model(idx)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_blockwise_restores_the_training_flag_and_removes_hooks_after_an_error():
+    model = random_model().train()
+    with torch.no_grad():
+        model.layers[1].attention_norm.weight[0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/Inf .* entering layers\.1\.attention\.wq"):
+        ns.calibrate_blockwise(model, padded_batches())
+    assert model.training
+    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="pad_mask shape"):
+        ns.calibrate_blockwise(model, [(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool))])
+
+
+def _blockwise_rank(rank, world, init_file, batches, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        covariances = ns.calibrate_blockwise(random_model(), batches[rank::world], distributed=True)
+        if rank == 0:
+            torch.save(covariances, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_blockwise_sums_the_shares_of_all_ranks(tmp_path):
+    batches = padded_batches()
+    mp.spawn(_blockwise_rank, args=(2, tmp_path / "init", batches, tmp_path / "c.pt"), nprocs=2)
+    summed = torch.load(tmp_path / "c.pt")
+    reference = ns.collect_covariances(random_model(), batches)
+    for name in reference:  # the same sums, added in another order
+        torch.testing.assert_close(summed[name], reference[name], rtol=1e-12, atol=1e-14)
