@@ -96,8 +96,12 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def initialize(self, A: torch.Tensor, B: torch.Tensor, W_res: torch.Tensor, method: str = "vanilla"):
         """Start from an init's (A, B, W_res). Must be called on an unmerged, fresh layer."""
-        assert not self.merged and not self.has_residual, "initialize a fresh, unmerged layer"
-        assert A.shape == self.A.shape and B.shape == self.B.shape and W_res.shape == self.base.weight.shape
+        if self.merged or self.has_residual:
+            raise ValueError("initialize() needs a fresh, unmerged layer")
+        if A.shape != self.A.shape or B.shape != self.B.shape or W_res.shape != self.base.weight.shape:
+            raise ValueError(f"init shapes A {tuple(A.shape)}, B {tuple(B.shape)}, W_res {tuple(W_res.shape)} "
+                             f"do not fit A {tuple(self.A.shape)}, B {tuple(self.B.shape)}, "
+                             f"W {tuple(self.base.weight.shape)}")
         self.A.copy_(A)
         self.B.copy_(B)
         self.method = method
@@ -282,7 +286,10 @@ def inject_lora(model: nn.Module, targets=("q", "k", "v", "o", "gate", "up", "do
     for name in names:
         layer = wrap_linear(model, name, r, alpha, dropout, freeze_A)
         C = covariances[name] if init in NEEDS_COVARIANCE else None
-        A, B, W_res = init_factors(init, layer.base.weight.detach(), r, alpha, C, generator)
+        try:
+            A, B, W_res = init_factors(init, layer.base.weight.detach(), r, alpha, C, generator)
+        except ValueError as e:
+            raise ValueError(f"{init} init of {name}: {e}") from None
         layer.initialize(A, B, W_res, method=init)
         layers[name] = layer
     mark_only_lora_trainable(model)

@@ -299,6 +299,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         raise ValueError("stop_strings need a tokenizer to decode the output")
     device = next(model.parameters()).device
     B, T0 = len(prompts), max(len(p) for p in prompts)
+    if T0 >= model.config.max_seq_len:
+        raise ValueError(f"a prompt of {T0} tokens leaves no room to generate within max_seq_len "
+                         f"{model.config.max_seq_len}")
     idx = torch.full((B, T0), pad_id, dtype=torch.long, device=device)
     pad_mask = torch.zeros(B, T0, dtype=torch.bool, device=device)
     for b, p in enumerate(prompts):                                   # left padding

@@ -169,11 +169,18 @@ def test_merged_and_unmerged_layer_compute_the_same_output():
 def test_dropout_acts_on_the_adapter_input_only():
     layer = nonzero_adapter(dropout=0.5).train()
     x = torch.randn(64, 16)
+    torch.manual_seed(0)
+    noisy = layer(x)
+    # in training, the adapter sees dropout(x): the output equals base(x) + s B A dropout(x)
+    torch.manual_seed(0)
+    mask_scaled = torch.nn.functional.dropout(torch.ones_like(x), 0.5, training=True)
+    by_hand = layer.base(x) + layer.scaling * (x * mask_scaled) @ layer.A.T @ layer.B.T
+    torch.testing.assert_close(noisy, by_hand)
+    assert not torch.allclose(noisy, layer.eval()(x))           # dropout did something
+    # the frozen base path never sees dropout: with B = 0 the output is exactly base(x)
     with torch.no_grad():
-        layer.B.zero_()                                          # no adapter: no dropout noise
-    assert torch.equal(layer(x), layer.base(x))
-    layer.eval()
-    assert torch.equal(layer(x), layer.base(x))
+        layer.B.zero_()
+    assert torch.equal(layer.train()(x), layer.base(x))
 
 
 def test_bf16_autocast_forward_runs_and_stays_close():

@@ -111,5 +111,7 @@ def test_bad_config_and_overlong_input_are_rejected():
     model = random_model()
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="no room to generate"):
+        generate(model, [list(range(64))], 5)
     with pytest.raises(ValueError, match="empty prompt"):
         generate(model, [[1], []])
