@@ -14,6 +14,9 @@ The two are the same model up to a fixed permutation of the q and k output rows 
 head (scores q.k are unchanged when q and k are permuted alike), so Meta/GGUF q/k rows are
 permuted once at load time by `permute_interleaved_to_half` and back when writing Meta.
 
+`load_model` also returns the tokenizer stored with the weights: a GGUF's vocabulary, or
+in a directory tokenizer.json (byte-level BPE) or LLaMA-3's tiktoken tokenizer.model.
+
 Errors are `CheckpointError`s (a ValueError) that name the file and the problem.
 """
 from __future__ import annotations
@@ -442,14 +445,23 @@ def read_checkpoint(path) -> tuple[ModelConfig, dict]:
     return READERS[checkpoint_format(path)](path)
 
 
-def load_model(path=None, *, device="cpu", dtype=torch.float32):
-    """(Transformer in eval mode, Tokenizer or None) from a checkpoint; None = SmolLM2 GGUF."""
+def load_model(path=None, *, device="cpu", dtype=torch.float32, require_tokenizer=False):
+    """(Transformer in eval mode, Tokenizer or None) from a checkpoint; None = SmolLM2 GGUF.
+
+    require_tokenizer: a checkpoint without a tokenizer we can read is an error that lists
+    the files searched, instead of giving None.
+    """
     path = assets.fetch("smollm2-135m-instruct") if path is None else path
     if checkpoint_format(path) == "gguf":  # parse the file once for weights and vocabulary
         reader = open_gguf(path)
-        (config, state_dict), tokenizer = read_gguf(reader), gguf_tokenizer(reader)
+        tokenizer = gguf_tokenizer(reader, required=require_tokenizer)
+        config, state_dict = read_gguf(reader)
     else:
-        (config, state_dict), tokenizer = read_checkpoint(path), load_tokenizer(path)
+        tokenizer = load_tokenizer(path, required=require_tokenizer)
+        config, state_dict = read_checkpoint(path)
+    if tokenizer is not None and tokenizer.n_vocab > config.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer ({tokenizer.name}) has {tokenizer.n_vocab} ids "
+                              f"but the model's embedding only {config.vocab_size} rows")
     with torch.device("meta"):  # no memory and no random init: the checkpoint fills it
         model = Transformer(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
@@ -459,22 +471,51 @@ def load_model(path=None, *, device="cpu", dtype=torch.float32):
     return model.eval(), tokenizer
 
 
-def load_tokenizer(path):
-    """The tokenizer stored with a checkpoint, when we can build it without transformers:
-    a GGUF's vocabulary, or a LLaMA-3 tiktoken `tokenizer.model` in an HF/Meta directory.
-    Anything else (a SentencePiece tokenizer.model, tokenizer.json only) gives None."""
+def load_tokenizer(path, *, required=False):
+    """The tokenizer stored with a checkpoint, built without transformers:
+    - a GGUF file: its vocabulary;
+    - a directory: tokenizer.json (byte-level BPE; tokenizer_config.json next to it gives
+      bos/eos/pad and the chat template), else a LLaMA-3 tiktoken tokenizer.model (also
+      under original/, where HF LLaMA-3 repositories keep Meta's file).
+    None when there is none; a SentencePiece tokenizer.model is passed over. required=True
+    turns None into a CheckpointError listing what was searched. A tokenizer file that is
+    there but cannot be read (e.g. a SentencePiece-style tokenizer.json) is an error."""
     path = Path(path)
     if checkpoint_format(path) == "gguf":
-        return gguf_tokenizer(open_gguf(path))
-    for candidate in (path / "tokenizer.model", path / "original" / "tokenizer.model"):
-        if candidate.is_file() and is_tiktoken_file(candidate):
-            return Tokenizer.from_llama3(candidate)
-    return None
+        return gguf_tokenizer(open_gguf(path), required=required)
+    searched = []
+    for candidate in (path / "tokenizer.json", path / "tokenizer.model", path / "original" / "tokenizer.model"):
+        if not candidate.is_file():
+            searched.append(f"{candidate} (absent)")
+        elif candidate.name == "tokenizer.json":
+            return _tokenizer_or_error(Tokenizer.from_hf_json, candidate)
+        elif is_tiktoken_file(candidate):
+            return _tokenizer_or_error(Tokenizer.from_llama3, candidate)
+        else:
+            searched.append(f"{candidate} (not a tiktoken BPE file: SentencePiece is not supported)")
+    return _required(None, required, path, searched)
 
 
-def gguf_tokenizer(reader):
+def _required(tokenizer, required: bool, path, searched: list[str]):
+    if tokenizer is None and required:
+        raise CheckpointError(f"{path}: no tokenizer found; searched:\n  " + "\n  ".join(searched))
+    return tokenizer
+
+
+def _tokenizer_or_error(build, source) -> Tokenizer:
+    """build(source), with the tokenizer's ValueError (it names the file) as a CheckpointError."""
+    try:
+        return build(source)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def gguf_tokenizer(reader, *, required=False):
     """The vocabulary a GGUF carries as a Tokenizer, or None when it has none."""
-    return Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        path = reader.data.filename
+        return _required(None, required, path, [f"{path} (no tokenizer.ggml.tokens in its metadata)"])
+    return _tokenizer_or_error(Tokenizer.from_gguf, reader)
 
 
 def is_tiktoken_file(path: Path) -> bool:

@@ -1,11 +1,14 @@
-"""Checkpoint formats: the real SmolLM2 GGUF, the rotary permutation, and clear errors.
+"""Checkpoint formats: the real SmolLM2 GGUF, the rotary permutation, tokenizers found
+next to the weights, and clear errors.
 
-Parity with transformers on HF and Meta checkpoints is in test_model_parity.py.
+Parity with transformers on HF and Meta checkpoints is in test_model_parity.py. The real
+assets are fetched on first use; a failed fetch fails the tests with the AssetError's message.
 """
 import contextlib
 import json
 import shutil
 
+import gguf
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,18 +21,9 @@ from model import apply_rotary, generate, rotary_cos_sin
 from tests.conftest import random_model
 
 
-def fetch(name):
-    try:
-        return assets.fetch(name)
-    except assets.AssetError as e:
-        pytest.skip(f"asset {name} unavailable: {e}")
-
-
 # ----------------------------------------------------------------------------- real SmolLM2 GGUF
 @pytest.fixture(scope="module")
 def smollm2():
-    pytest.importorskip("gguf")
-    fetch("smollm2-135m-instruct")
     return load_model()  # ~6-10 s on 2 cores: loaded once for the module
 
 
@@ -110,7 +104,6 @@ def test_meta_ffn_params_give_back_any_hidden_dim(dim, hidden_dim):
 # ----------------------------------------------------------------------------- tiny GGUF
 def write_gguf(model, path, arch="llama"):
     """Our model as a llama.cpp GGUF (float32, q/k rows interleaved as llama.cpp stores them)."""
-    gguf = pytest.importorskip("gguf")
     c = model.config
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(c.n_layers)
@@ -276,8 +269,8 @@ def test_unsupported_hf_variant_is_refused(hf_dir):
 
 # ----------------------------------------------------------------------------- tokenizers
 def test_meta_directory_with_llama3_tokenizer_model_loads_that_tokenizer(tmp_path):
-    save_meta(random_model(), tmp_path)
-    shutil.copy(fetch("llama3-tokenizer"), tmp_path / "tokenizer.model")
+    save_meta(random_model(vocab_size=128256, tie_embeddings=True), tmp_path)
+    shutil.copy(assets.fetch("llama3-tokenizer"), tmp_path / "tokenizer.model")
     _, tokenizer = load_model(tmp_path)
     assert tokenizer is not None and tokenizer.n_vocab == 128256
     assert tokenizer.encode("hello world") == [15339, 1917]
@@ -288,3 +281,91 @@ def test_sentencepiece_tokenizer_model_gives_no_tokenizer(hf_dir):
     assert not is_tiktoken_file(hf_dir / "tokenizer.model")
     _, tokenizer = load_model(hf_dir)
     assert tokenizer is None
+
+
+def test_required_tokenizer_that_is_not_there_is_an_error_listing_the_files_searched(hf_dir):
+    (hf_dir / "tokenizer.model").write_bytes(b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")
+    with pytest.raises(CheckpointError) as info:
+        load_model(hf_dir, require_tokenizer=True)
+    assert str(info.value).splitlines() == [
+        f"{hf_dir}: no tokenizer found; searched:",
+        f"  {hf_dir / 'tokenizer.json'} (absent)",
+        f"  {hf_dir / 'tokenizer.model'} (not a tiktoken BPE file: SentencePiece is not supported)",
+        f"  {hf_dir / 'original' / 'tokenizer.model'} (absent)"]
+
+
+def test_required_tokenizer_of_a_gguf_without_vocabulary_is_an_error(tmp_path):
+    path = write_gguf(random_model(), tmp_path / "tiny.gguf")
+    with raises_naming(path, "no tokenizer found; searched:\n  .*tiny.gguf .no tokenizer.ggml.tokens"):
+        load_model(path, require_tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer_files(tmp_path_factory):
+    """SmolLM2's tokenizer.json and tokenizer_config.json, written as plain JSON from the
+    GGUF's vocabulary ("a b" merges, as GGUF and older tokenizer.json files spell them)."""
+    fields = gguf.GGUFReader(assets.fetch("smollm2-135m-instruct")).fields
+    tokens, kinds = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    spec = {
+        "added_tokens": [{"id": i, "content": t, "special": True}
+                         for i, (t, k) in enumerate(zip(tokens, kinds)) if k == gguf.TokenType.CONTROL],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel"},
+        "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)},
+                  "merges": fields["tokenizer.ggml.merges"].contents()},
+    }
+    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+              "chat_template": fields["tokenizer.chat_template"].contents()}
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def with_tokenizer_files(directory, tokenizer_files):
+    for file in tokenizer_files.iterdir():
+        shutil.copy(file, directory / file.name)
+    return directory
+
+
+def test_hf_directory_with_tokenizer_json_loads_that_tokenizer(tmp_path, smollm2_tokenizer_files):
+    model = random_model(vocab_size=49152, tie_embeddings=True)
+    save_hf(model, tmp_path)
+    loaded, tokenizer = load_model(with_tokenizer_files(tmp_path, smollm2_tokenizer_files), require_tokenizer=True)
+    assert tokenizer.n_vocab == 49152 and tokenizer.chat_format == "chatml"
+    assert tokenizer.encode("The capital of France is") == [504, 3575, 282, 4649, 314]
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.stop_ids) == (1, 2, 2, {0, 2})
+    chat = tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
+    assert tokenizer.decode(chat).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert chat[-4:] == [1, 520, 9531, 198] and tokenizer.decode(chat[-4:]) == "<|im_start|>assistant\n"
+    for name, w in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], w), name
+
+
+def test_tokenizer_json_is_preferred_to_a_tiktoken_tokenizer_model(tmp_path, smollm2_tokenizer_files):
+    save_hf(random_model(vocab_size=128256, tie_embeddings=True), tmp_path)
+    with_tokenizer_files(tmp_path, smollm2_tokenizer_files)
+    (tmp_path / "original").mkdir()
+    shutil.copy(assets.fetch("llama3-tokenizer"), tmp_path / "original" / "tokenizer.model")
+    assert load_model(tmp_path)[1].n_vocab == 49152  # SmolLM2's tokenizer.json
+    (tmp_path / "tokenizer.json").unlink()
+    assert load_model(tmp_path)[1].n_vocab == 128256  # LLaMA-3's original/tokenizer.model
+
+
+def test_tokenizer_with_more_ids_than_the_embedding_is_an_error(hf_dir, smollm2_tokenizer_files):
+    with raises_naming(hf_dir, "the tokenizer .* has 49152 ids but the model's embedding only 97 rows"):
+        load_model(with_tokenizer_files(hf_dir, smollm2_tokenizer_files))
+
+
+def test_sentencepiece_style_tokenizer_json_is_a_checkpoint_error_naming_it(hf_dir):
+    spec = {"normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+            "pre_tokenizer": None, "added_tokens": [],
+            "model": {"type": "BPE", "byte_fallback": True, "unk_token": "<unk>",
+                      "vocab": {"<unk>": 0, "\u2581": 1, "a": 2, "\u2581a": 3}, "merges": ["\u2581 a"]}}
+    (hf_dir / "tokenizer.json").write_text(json.dumps(spec))
+    with raises_naming(hf_dir / "tokenizer.json", "SentencePiece-style tokenizer.*is not supported; supported:"):
+        load_model(hf_dir)
