@@ -170,9 +170,7 @@ def load_model_and_data(cfg: TrainConfig, log):
                                   for f in toy.calibration_facts()], tok.pad_id)["idx"]
         return model, tok, train, test, calib
     from loranull_mini.checkpoint import load_model
-    model, tok = load_model(cfg.model or None)
-    if tok is None:
-        raise ValueError(f"no tokenizer found with the checkpoint {cfg.model}")
+    model, tok = load_model(cfg.model or None, require_tokenizer=True)
     rows = datasets.load_task_file(Path(cfg.data)) if cfg.data else datasets.asdiv("train")
     heldout = datasets.asdiv("test") if not cfg.data else rows[-max(1, len(rows) // 10):]
     if cfg.data:
