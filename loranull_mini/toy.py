@@ -1,14 +1,30 @@
 """The toy world: a tiny LLaMA that learns facts from scratch, then a new skill with LoRA.
 
-Pre-trained knowledge = facts about entities ("what is the colour of e17 ?" -> "colour5"),
-memorised by a tiny model trained from scratch in seconds. The new skill, learnt afterwards
-with LoRA, is reversing a list of three entities ("reverse e3 e9 e1" -> "e1 e9 e3"): it
-reads the same entity tokens, so fine-tuning can overwrite what the model knew about them.
+Pre-trained knowledge = facts about entities ("e17 colour" -> "colour5"): 64 entities x 4
+relations, each value drawn at random from 16, memorised by a tiny model (2 layers, width
+64) trained from scratch in about ten seconds.
 
-Facts of the first half of the entities are the calibration text (they stand for the
-knowledge to preserve); retention is measured on the facts of the other half, which the
-calibration never saw. Everything is deterministic given the seed. The pre-trained model is
-cached (cache_dir()/toy/) and reused, not retrained on every run.
+The new skill, learnt afterwards with LoRA, is answering through synonyms of the relations
+("e17 hue" -> "colour5", likewise town/city, animal/pet, dish/food). The synonyms never
+occur in pre-training or calibration. Like a word a real model has seen rarely, each one
+starts half-understood: after pre-training its embedding is set to a mix of its relation's
+embedding (weight `synonym_mix`) and noise, so the base model answers ~10% of synonym
+questions and fine-tuning has something real to learn. The skill generalises: it is
+trained on some entities and tested on others, and it needs the facts, so fine-tuning has
+every reason to touch the weights that hold them.
+
+Splits (all disjoint, fixed):
+- calibration: the facts of entities 0-31 (they stand for the knowledge to preserve);
+- retention: the facts of entities 32-63, never calibrated or trained on;
+- skill: test = synonym questions about entities e % 4 == 3; validation (for choosing the
+  learning rate) = entities e % 8 == 2; train = the rest.
+
+Why the prompt puts the entity before the relation: the answer is then predicted at the
+relation token, which only has to look one token back for the entity. With the relation
+first ("colour of e17") a model this small sits on a plateau for hundreds of steps.
+
+Everything is deterministic given the seed. The pre-trained model is cached
+(cache_dir()/toy/) and reused, not retrained on every run.
 """
 from __future__ import annotations
 
@@ -22,18 +38,18 @@ import torch
 
 from model import ModelConfig, Transformer
 
-N_ENTITIES = 128
+N_ENTITIES = 64
 RELATIONS = {"colour": 16, "city": 16, "pet": 16, "food": 16}  # relation -> number of values
-REVERSE_LEN = 3
-TOY_VERSION = 1  # bump when the world or the pre-training recipe changes (invalidates the cache)
+SYNONYMS = {"hue": "colour", "town": "city", "animal": "pet", "dish": "food"}  # the new skill's words
+TOY_VERSION = 2  # bump when the world or the pre-training recipe changes (invalidates the cache)
 
 
 class ToyTokenizer:
     """Word-level tokenizer over the toy vocabulary (the same interface as Tokenizer)."""
 
     def __init__(self):
-        words = ["<pad>", "<bos>", "<eos>", "Q:", "A:", "what", "is", "the", "of", "?", "reverse"]
-        words += list(RELATIONS) + [f"e{i}" for i in range(N_ENTITIES)]
+        words = ["<pad>", "<bos>", "<eos>"] + list(RELATIONS) + list(SYNONYMS)
+        words += [f"e{i}" for i in range(N_ENTITIES)]
         words += [f"{rel}{v}" for rel, n in RELATIONS.items() for v in range(n)]
         self.vocab = {w: i for i, w in enumerate(words)}
         self.words = words
@@ -52,20 +68,20 @@ class ToyTokenizer:
         return " ".join(self.words[i] for i in ids if i >= 3)
 
     def encode_chat(self, messages, add_generation_prompt=True) -> list[int]:
-        """The toy 'chat template': <bos> Q: question A:"""
+        """The toy 'chat template': <bos> question (the answer follows directly)."""
         (message,) = [m for m in messages if m["role"] == "user"]
-        return [self.bos_id] + self.encode(f"Q: {message['content']} A:")
+        return [self.bos_id] + self.encode(message["content"])
 
 
 # ----------------------------------------------------------------------------- the world
 def world_facts(seed: int = 0) -> list[dict]:
-    """Every (entity, relation) fact as {question, answer, entity}."""
+    """Every (entity, relation) fact as {question, answer, entity, relation}."""
     rng = random.Random(seed)
     facts = []
     for e in range(N_ENTITIES):
         for rel, n_values in RELATIONS.items():
-            facts.append({"question": f"what is the {rel} of e{e} ?", "answer": f"{rel}{rng.randrange(n_values)}",
-                          "entity": e})
+            facts.append({"question": f"e{e} {rel}", "answer": f"{rel}{rng.randrange(n_values)}",
+                          "entity": e, "relation": rel})
     return facts
 
 
@@ -79,60 +95,77 @@ def heldout_facts(seed: int = 0) -> list[dict]:
     return [f for f in world_facts(seed) if f["entity"] >= N_ENTITIES // 2]
 
 
-def reverse_task(split: str, n: int, seed: int = 0) -> list[dict]:
-    """The new skill: reverse three entity names. Train and test lists never overlap."""
-    rng = random.Random(1000 + seed + (0 if split == "train" else 1))
-    rows = []
-    while len(rows) < n:
-        items = rng.sample(range(N_ENTITIES), REVERSE_LEN)
-        # a fixed parity rule keeps train and test disjoint: sum of ids even -> train
-        if (sum(items) % 2 == 0) != (split == "train"):
-            continue
-        rows.append({"question": "reverse " + " ".join(f"e{i}" for i in items),
-                     "answer": " ".join(f"e{i}" for i in reversed(items))})
-    return rows
+def skill_split(entity: int) -> str:
+    """Which split of the skill an entity's synonym questions belong to."""
+    return "test" if entity % 4 == 3 else "val" if entity % 8 == 2 else "train"
+
+
+def skill_task(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
+    """The new skill: questions through a synonym of the relation, {question, answer}.
+
+    Splits "train" (160 questions), "val" (32) and "test" (64), disjoint by entity; at most
+    n rows (all when n is None).
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown skill split {split!r} (train, val, test)")
+    synonym_of = {rel: syn for syn, rel in SYNONYMS.items()}
+    rows = [{"question": f"e{f['entity']} {synonym_of[f['relation']]}", "answer": f["answer"]}
+            for f in world_facts(seed) if skill_split(f["entity"]) == split]
+    return rows[:n]
+
+
+# train.py asks for the toy task by this name.
+reverse_task = skill_task
 
 
 # ----------------------------------------------------------------------------- pre-training
 @dataclass
 class ToyPretrainConfig:
-    dim: int = 128
-    n_layers: int = 4
+    dim: int = 64
+    n_layers: int = 2
     n_heads: int = 4
     n_kv_heads: int = 2
     hidden_dim: int = 384
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 3e-3
+    steps: int = 250            # full-batch steps: every fact in every step
+    lr: float = 1e-2
+    warmup: int = 30
+    synonym_mix: float = 0.2    # a synonym's embedding = mix * its relation's + (1 - mix) * noise
     seed: int = 0
 
 
 def toy_model_config(cfg: ToyPretrainConfig, vocab_size: int) -> ModelConfig:
     return ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                        vocab_size=vocab_size, hidden_dim=cfg.hidden_dim, rope_theta=10000.0,
-                       max_seq_len=32, tie_embeddings=True)
+                       max_seq_len=16, tie_embeddings=True)
 
 
 def pretrain_toy(cfg: ToyPretrainConfig, log=print) -> Transformer:
-    """Train a tiny LLaMA from scratch until it knows every fact of the world."""
-    from loranull_mini.data import batch_order, collate, encode_qa
+    """Train a tiny LLaMA from scratch until it knows every fact (full batch), then give the
+    synonyms their half-understood embeddings."""
+    from loranull_mini.data import collate, encode_qa
     tok = ToyTokenizer()
     torch.manual_seed(cfg.seed)
     model = Transformer(toy_model_config(cfg, tok.n_vocab))
-    examples = [encode_qa(tok, f["question"], f["answer"]) for f in world_facts(cfg.seed)]
+    batch = collate([encode_qa(tok, f["question"], f["answer"]) for f in world_facts(cfg.seed)], tok.pad_id)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
     for step in range(cfg.steps):
-        lr = cfg.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * (1 - step / cfg.steps))
+        # linear warm-up, then linear decay to 10%
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * (1 - step / cfg.steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = collate([examples[i] for i in batch_order(len(examples), cfg.batch_size, step, cfg.seed)],
-                        tok.pad_id)
         _, loss = model(batch["idx"], batch["targets"], batch["loss_mask"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 250 == 0 or step == cfg.steps - 1:
+        if step % 50 == 0 or step == cfg.steps - 1:
             log(f"toy pre-training step {step:5d}  loss {loss.item():.4f}")
+    with torch.no_grad():
+        E = model.tok_embeddings.weight                      # (V, D), tied with the output
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        for synonym, rel in SYNONYMS.items():
+            target = E[tok.vocab[rel]]
+            noise = torch.randn(E.shape[1], generator=g) * target.norm() / E.shape[1] ** 0.5
+            E[tok.vocab[synonym]] = cfg.synonym_mix * target + (1 - cfg.synonym_mix) * noise
     return model.eval()
 
 
@@ -140,7 +173,8 @@ def load_toy_model(cfg: ToyPretrainConfig | None = None, log=print) -> tuple[Tra
     """The pre-trained toy model, from the cache when it was trained before."""
     from loranull_mini.assets import cache_dir
     cfg = cfg or ToyPretrainConfig()
-    key = hashlib.sha256(json.dumps({**asdict(cfg), "v": TOY_VERSION}, sort_keys=True).encode()).hexdigest()[:12]
+    world = {"vocab": ToyTokenizer().words, "relations": RELATIONS, "synonyms": SYNONYMS, "v": TOY_VERSION}
+    key = hashlib.sha256(json.dumps({**asdict(cfg), **world}, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir() / "toy" / f"toy-{key}.pt"
     tok = ToyTokenizer()
     if path.is_file():
