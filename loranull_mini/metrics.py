@@ -1,0 +1,269 @@
+"""Scorers and batched likelihood plumbing behind eval.py.
+
+Text scorers:
+- normalize_answer / exact_match: the standard NQ-open (SQuAD) answer normalisation:
+  lower case, drop punctuation, drop the articles a/an/the, collapse whitespace; a prediction
+  is right when it equals any normalised alias.
+- extract_number / parse_number: the number in a math answer ("29 dollars" -> 29.0,
+  "3,750" -> 3750.0, "-1/3" -> -0.333..).
+
+Model scoring (no gradients, batched, sorted by length so padding stays small):
+- sequence_nll: per example, the summed NLL of its scored tokens and their count.
+- option_logprobs: per prompt and each of its options, the log-probability of every option
+  token. The prompt runs once; its KV cache is copied for each option (shared prefix).
+  answer_nll uses it for the NLL of an answer after its prompt.
+- greedy_generate: batched greedy continuation, cut at stop strings.
+Where only the last position's logits are needed (a prompt, generation), the output
+projection runs on the last position only (last_position_logits): on a 49k vocabulary it
+is a fifth of the model's work per token.
+
+Statistics: mean and spread over seeds, retention on the items a reference got right, and
+the standard error of a token-weighted paired difference.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import string
+
+import torch
+import torch.nn.functional as F
+
+from loranull_mini.data import Example, collate
+from model import KVCache, cut_at_stop, generate
+
+# ----------------------------------------------------------------------------- text scorers
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """The NQ-open / SQuAD normalisation: lower, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in PUNCTUATION)
+    text = ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, answers: list[str]) -> bool:
+    """True when the normalised prediction equals any normalised alias."""
+    pred = normalize_answer(prediction)
+    return any(pred == normalize_answer(a) for a in answers)
+
+
+# a number: optional sign, digits with optional thousands commas, decimals, or a fraction
+NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+
+
+def _to_float(token: str) -> float | None:
+    token = token.replace(",", "")
+    if "/" in token:
+        num, den = token.split("/")
+        return float(num) / float(den) if float(den) != 0 else None
+    return float(token)
+
+
+def parse_number(text: str) -> float | None:
+    """The value of a text that is exactly one number (a gold answer), else None."""
+    text = text.strip()
+    return _to_float(text) if NUMBER.fullmatch(text) else None
+
+
+def extract_number(text: str) -> float | None:
+    """The first number in a generated answer ("29 dollars" -> 29.0), or None."""
+    match = NUMBER.search(text)
+    return _to_float(match.group()) if match else None
+
+
+def same_number(a: float | None, b: float | None, rel_tol: float = 1e-4) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-9)
+
+
+# ----------------------------------------------------------------------------- statistics
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def retention(correct: list[bool], reference: list[bool]) -> tuple[float, int]:
+    """Share of the items the reference got right that are still right, and how many
+    items that is (nan when the reference got none right)."""
+    kept = [c for c, r in zip(correct, reference, strict=True) if r]
+    return (sum(kept) / len(kept) if kept else float("nan")), len(kept)
+
+
+def paired_nll_difference(nll: list[float], nll_ref: list[float], counts: list[int]) -> tuple[float, float]:
+    """Token-weighted mean NLL difference (per token) against a reference on the same
+    texts, and its standard error over texts.
+
+    delta = sum_i w_i d_i with d_i = (nll_i - nll_ref_i) / n_i and w_i = n_i / sum(n):
+    exactly mean NLL minus reference mean NLL. SE of a weighted mean of independent texts:
+    sqrt(n / (n - 1) * sum_i w_i^2 (d_i - delta)^2).
+    """
+    total = sum(counts)
+    d = [(a - b) / n for a, b, n in zip(nll, nll_ref, counts, strict=True)]
+    w = [n / total for n in counts]
+    delta = sum(wi * di for wi, di in zip(w, d))
+    k = len(d)
+    if k < 2:
+        return delta, float("nan")
+    var = k / (k - 1) * sum(wi ** 2 * (di - delta) ** 2 for wi, di in zip(w, d))
+    return delta, math.sqrt(var)
+
+
+# ----------------------------------------------------------------------------- model scoring
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _by_length(lengths: list[int], batch_size: int, max_tokens: int = 4096) -> list[list[int]]:
+    """Index batches of similar lengths, longest first: at most batch_size rows and at most
+    max_tokens padded positions per batch (a few long rows do not pad a whole batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) == batch_size or (len(current) + 1) * lengths[current[0]] > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + ([current] if current else [])
+
+
+@torch.no_grad()
+def sequence_nll(model, examples: list[Example], pad_id: int, batch_size: int = 16,
+                 max_len: int | None = None) -> tuple[list[float], list[int]]:
+    """Per example: summed NLL (nats) of the tokens after its prompt, and their count.
+
+    An Example(ids, n_prompt) scores tokens n_prompt..end (for plain text use n_prompt=1:
+    every token but the first, which has no context). Examples longer than max_len + 1
+    tokens keep their end (as in training).
+    """
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    nll, count = [0.0] * len(examples), [0] * len(examples)
+    for rows in _by_length([len(e.ids) for e in examples], batch_size):
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows], pad_id, max_len).items()}
+        logits, _ = model(batch["idx"], pad_mask=batch["pad_mask"])                 # (B, T, V)
+        per_token = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten().clamp(min=0),
+                                    reduction="none").view_as(batch["targets"])    # (B, T)
+        mask = batch["loss_mask"] * (batch["targets"] != -100)
+        for b, i in enumerate(rows):
+            nll[i] = float((per_token[b] * mask[b]).sum())
+            count[i] = int(mask[b].sum())
+    model.train(was_training)
+    return nll, count
+
+
+class _LastPosition(torch.nn.Module):
+    """Wraps the output projection: applies it to the last position only, (B, 1, V)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x):
+        return self.head(x[:, -1:])
+
+
+@contextlib.contextmanager
+def last_position_logits(model):
+    """Inside this block the model returns logits for the last position only (B, 1, V)."""
+    head = model.output
+    model.output = _LastPosition(head)
+    try:
+        yield
+    finally:
+        model.output = head
+
+
+def _select_rows(cache: KVCache, rows: list[int]) -> KVCache:
+    """A new KV cache holding the given rows of `cache` (a row may repeat)."""
+    index = torch.tensor(rows, device=cache.k.device)
+    new = KVCache.__new__(KVCache)
+    new.k, new.v = cache.k[:, index], cache.v[:, index]            # index_select copies
+    new.valid, new.next_pos = cache.valid[index], cache.next_pos[index]
+    new.length = cache.length
+    return new
+
+
+@torch.no_grad()
+def option_logprobs(model, prompts: list[list[int]], options: list[list[list[int]]],
+                    batch_size: int = 16, option_batch: int = 32) -> list[list[list[float]]]:
+    """log p(option token | prompt, earlier option tokens) for every token of every option.
+
+    prompts[i] is a list of token ids; options[i] a list of options (non-empty id lists).
+    Returns out[i][j] = [log-prob of each token of option j of prompt i]. The prompts of a
+    batch run once, left-padded, into a KV cache; the options then run right-padded after
+    their prompt's cached rows, option_batch rows at a time, longest first (little
+    padding). Same numbers as scoring prompt + option in full.
+    """
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    out = [[None] * len(opts) for opts in options]
+    for rows in _by_length([len(p) for p in prompts], batch_size):
+        T0 = max(len(prompts[i]) for i in rows)
+        idx = torch.zeros(len(rows), T0, dtype=torch.long)
+        mask = torch.zeros(len(rows), T0, dtype=torch.bool)
+        for b, i in enumerate(rows):                                   # left padding
+            idx[b, T0 - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[b, T0 - len(prompts[i]):] = True
+        longest = max(len(o) for i in rows for o in options[i])
+        cache = KVCache(model.config, len(rows), T0 + longest, device, next(model.parameters()).dtype)
+        with last_position_logits(model):
+            logits, _ = model(idx.to(device), pad_mask=mask.to(device), cache=cache)
+        first = logits[:, -1].log_softmax(-1).cpu()                     # (B, V): predicts option token 0
+        flat = sorted(((b, i, j) for b, i in enumerate(rows) for j in range(len(options[i]))),
+                      key=lambda f: -len(options[f[1]][f[2]]))
+        for c in range(0, len(flat), option_batch):
+            chunk = flat[c:c + option_batch]
+            Tc = len(options[chunk[0][1]][chunk[0][2]])                  # longest option of the chunk
+            cont = torch.zeros(len(chunk), Tc, dtype=torch.long)
+            cont_mask = torch.zeros(len(chunk), Tc, dtype=torch.bool)
+            for k, (_, i, j) in enumerate(chunk):                      # right padding
+                cont[k, :len(options[i][j])] = torch.tensor(options[i][j])
+                cont_mask[k, :len(options[i][j])] = True
+            sub = _select_rows(cache, [b for b, _, _ in chunk])
+            logits, _ = model(cont.to(device), pad_mask=cont_mask.to(device), cache=sub)  # (K, Tc, V)
+            # log p of the next option token at each position: logit - logsumexp (no log_softmax copy)
+            next_ids = torch.cat([cont[:, 1:], cont[:, :1]], dim=1).to(device)          # (K, Tc)
+            logp = (logits.gather(-1, next_ids[..., None])[..., 0] - logits.logsumexp(-1)).cpu()
+            for k, (b, i, j) in enumerate(chunk):
+                o = options[i][j]
+                out[i][j] = [float(first[b, o[0]])] + logp[k, :len(o) - 1].tolist()
+    model.train(was_training)
+    return out
+
+
+def answer_nll(model, examples: list[Example], batch_size: int = 16) -> tuple[list[float], list[int]]:
+    """Per example: summed NLL of the tokens after its prompt and their count, via
+    option_logprobs (the prompt's logits are not computed). Equals sequence_nll."""
+    prompts = [e.ids[:e.n_prompt] for e in examples]
+    answers = [[e.ids[e.n_prompt:]] for e in examples]
+    logprobs = option_logprobs(model, prompts, answers, batch_size)
+    return [-sum(lp[0]) for lp in logprobs], [len(a[0]) for a in answers]
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                    stop_strings=(), batch_size: int = 32) -> list[str]:
+    """Greedy continuations (text), stopped at the tokenizer's stop ids or a stop string
+    (the text is cut before it)."""
+    was_training = model.training
+    model.eval()
+    texts: list = [None] * len(prompts)
+    for rows in _by_length([len(p) for p in prompts], batch_size):
+        with last_position_logits(model):                               # generate reads logits[:, -1]
+            new = generate(model, [prompts[i] for i in rows], max_new_tokens, stop_ids=tokenizer.stop_ids,
+                           stop_strings=stop_strings, tokenizer=tokenizer if stop_strings else None,
+                           pad_id=tokenizer.pad_id)
+        for i, ids in zip(rows, new):
+            texts[i] = cut_at_stop(tokenizer.decode(ids), stop_strings)
+    model.train(was_training)
+    return texts
