@@ -164,8 +164,8 @@ def load_model_and_data(cfg: TrainConfig, log):
     if cfg.preset == "toy":
         from loranull_mini import toy
         model, tok = toy.load_toy_model(log=log)
-        train = [datasets.encode_qa(tok, r["question"], r["answer"]) for r in toy.reverse_task("train", 2000)]
-        test = [datasets.encode_qa(tok, r["question"], r["answer"]) for r in toy.reverse_task("test", 200)]
+        train = [datasets.encode_qa(tok, r["question"], r["answer"]) for r in toy.skill_task("train")]
+        test = [datasets.encode_qa(tok, r["question"], r["answer"]) for r in toy.skill_task("test")]
         calib = datasets.collate([datasets.encode_qa(tok, f["question"], f["answer"])
                                   for f in toy.calibration_facts()], tok.pad_id)["idx"]
         return model, tok, train, test, calib

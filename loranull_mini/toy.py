@@ -114,10 +114,6 @@ def skill_task(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
     return rows[:n]
 
 
-# train.py asks for the toy task by this name.
-reverse_task = skill_task
-
-
 # ----------------------------------------------------------------------------- pre-training
 @dataclass
 class ToyPretrainConfig:

@@ -35,7 +35,7 @@ def adapter_tensors(out):
 
 def probe_logits(model):
     tok = toy.ToyTokenizer()
-    rows = toy.heldout_facts()[:8] + toy.reverse_task("test", 8)
+    rows = toy.heldout_facts()[:8] + toy.skill_task("test", 8)
     batch = collate([Example(tok.encode_chat([{"role": "user", "content": r["question"]}]), 0) for r in rows], tok.pad_id)
     model.eval()
     with torch.no_grad():
