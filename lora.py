@@ -139,7 +139,11 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         h = self.dropout(x).to(self.A.dtype) @ self.A.T     # (..., r)
-        return y + (self.scaling * (h @ self.B.T)).to(y.dtype)
+        # y + s * h @ B.T as one GEMM that adds into y (addmm): no (..., out) temporaries
+        # for the product, its scaling and the sum.
+        out = torch.addmm(y.reshape(-1, y.shape[-1]).to(h.dtype), h.reshape(-1, self.r), self.B.T,
+                          alpha=self.scaling)               # (tokens, out)
+        return out.view(y.shape).to(y.dtype)
 
     def extra_repr(self) -> str:
         m, n = self.base.weight.shape
