@@ -154,3 +154,32 @@ def test_distributed_blockwise_sums_the_shares_of_all_ranks(tmp_path):
     reference = ns.collect_covariances(random_model(), batches)
     for name in reference:  # the same sums, added in another order
         torch.testing.assert_close(summed[name], reference[name], rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- the products
+@pytest.mark.parametrize("N, n, blocks", [(50, 300, 4), (33, 257, 4), (20, 512, 3), (10, 100, 4)])
+def test_gram_matrix_from_the_lower_blocks_equals_the_full_product(N, n, blocks):
+    x = torch.randn(N, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    product = ns.gram_matrix(x, blocks)
+    torch.testing.assert_close(product, x.T @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_nonfinite_activations_are_caught_through_the_products_diagonal():
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(2, 8, 300)
+        x[1, 5, 123] = bad
+        collector = ns.CovarianceCollector(random_model())
+        with pytest.raises(ValueError, match="NaN/Inf .* entering layer"):
+            collector._accumulate("layer", x, None)
+
+
+def test_all_finite_tells_nan_and_inf_from_a_sum_that_overflows():
+    big = torch.full((4, 4), 3e38)  # finite, but its float32 sum overflows
+    assert ns.all_finite(big) and ns.all_finite(torch.zeros(0))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.ones(5, 5, dtype=torch.float64)
+        t[2, 3] = bad
+        assert not ns.all_finite(t)
+    t = torch.ones(3)
+    t[0], t[1] = float("inf"), float("-inf")  # the sum is NaN
+    assert not ns.all_finite(t)
