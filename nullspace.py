@@ -73,27 +73,27 @@ def input_groups(model: nn.Module, targets=ALL_TARGETS, blocks=None) -> dict[str
     return groups
 
 
-def gram_matrix(x: Tensor, blocks: int = 4) -> Tensor:
-    """x.T @ x (n, n) for x (N, n), using its symmetry to save work.
+def add_gram_(S: Tensor, x: Tensor, blocks: int = 4) -> Tensor:
+    """S += x.T @ x in place, for x (N, n) and S (n, n) (float64 S, any float x), using
+    the symmetry of the product.
 
-    The columns are cut into `blocks` slices; only the products of slice pairs on and
-    below the diagonal are computed, and the blocks above are their transposes: (k + 1) / 2k
-    of the full product's FLOPs for k blocks (5/8 for 4). Narrow inputs take one product.
+    The columns of x are cut into `blocks` slices; only the products of slice pairs on and
+    below the diagonal are computed, (k + 1) / 2k of the full product's FLOPs for k blocks
+    (5/8 for 4), each added into its block of S and, transposed, into the mirror block.
+    No (n, n) temporary is made: a fresh large buffer costs page faults at every use.
     """
     n = x.shape[1]
-    if n < 64 * blocks:
-        return x.T @ x
-    edges = [round(i * n / blocks) for i in range(blocks + 1)]
-    out = torch.empty(n, n, dtype=x.dtype, device=x.device)
-    for i in range(blocks):
+    k = blocks if n >= 64 * blocks else 1  # narrow inputs: one product
+    edges = [round(i * n / k) for i in range(k + 1)]
+    for i in range(k):
         a, b = edges[i], edges[i + 1]
         for j in range(i + 1):
             c, d = edges[j], edges[j + 1]
             product = x[:, a:b].T @ x[:, c:d]  # (b - a, d - c)
-            out[a:b, c:d] = product
+            S[a:b, c:d] += product
             if i != j:
-                out[c:d, a:b] = product.T
-    return out
+                S[c:d, a:b] += product.T
+    return S
 
 
 def all_finite(t: Tensor) -> bool:
@@ -144,15 +144,14 @@ class CovarianceCollector:
         if keep is not None:
             x = x[keep.reshape(-1)]  # (N_batch, n): padding never enters C
         x = x.to(self.dtype)
-        product = gram_matrix(x)  # (n, n)
-        # Its diagonal holds the sums of squares of x's columns: NaN/Inf anywhere in x shows there.
-        if not torch.isfinite(product.diagonal()).all():
-            raise ValueError(f"NaN/Inf in the calibration activations entering {name}")
         n = x.shape[1]
         if name not in self.sums:
             self.sums[name] = torch.zeros(n, n, dtype=torch.float64, device=x.device)
             self.counts[name] = torch.zeros((), dtype=torch.int64, device=x.device)
-        self.sums[name] += product.to(torch.float64)
+        add_gram_(self.sums[name], x)  # sums += X^T X (n, n)
+        # The diagonal holds the sums of squares of x's columns: NaN/Inf anywhere in x shows there.
+        if not torch.isfinite(self.sums[name].diagonal()).all():
+            raise ValueError(f"NaN/Inf in the calibration activations entering {name}")
         self.counts[name] += x.shape[0]
 
     @contextlib.contextmanager
@@ -212,7 +211,7 @@ class CovarianceCollector:
                     f"features; the covariance is rank-deficient, so the null basis is an "
                     f"arbitrary choice among {n - N} or more zero eigenvalues", stacklevel=2)
             S = self.sums[hooked]
-            C = (S + S.T) / (2 * N)
+            C = (S + S.T).div_(2 * N)
             for name in sharing:
                 covariances[name] = C
         return covariances

@@ -158,10 +158,15 @@ def test_distributed_blockwise_sums_the_shares_of_all_ranks(tmp_path):
 
 # ----------------------------------------------------------------------------- the products
 @pytest.mark.parametrize("N, n, blocks", [(50, 300, 4), (33, 257, 4), (20, 512, 3), (10, 100, 4)])
-def test_gram_matrix_from_the_lower_blocks_equals_the_full_product(N, n, blocks):
-    x = torch.randn(N, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
-    product = ns.gram_matrix(x, blocks)
-    torch.testing.assert_close(product, x.T @ x, rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gram_from_the_lower_blocks_adds_the_full_product(N, n, blocks, dtype):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(N, n, generator=g, dtype=dtype)
+    S = torch.randn(n, n, generator=g, dtype=torch.float64)
+    expected = S + (x.T @ x).double()
+    assert ns.add_gram_(S, x, blocks) is S
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(S, expected, rtol=tol, atol=tol)
 
 
 def test_nonfinite_activations_are_caught_through_the_products_diagonal():
