@@ -45,13 +45,13 @@ def check_rank(W: torch.Tensor, r: int, name: str = "W"):
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and raw bytes: recognises a base weight exactly."""
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(memoryview(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()))  # no copy
     return h.hexdigest()
 
 
 def residual_weight(W: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, scaling: float) -> torch.Tensor:
     """W_res = W - s * B0 @ A0, computed in float32 and returned in W's dtype."""
-    return (W.float() - scaling * (B0.float() @ A0.float())).to(W.dtype)
+    return torch.addmm(W.float(), B0.float(), A0.float(), alpha=-scaling).to(W.dtype)  # one GEMM, no temporaries
 
 
 # ----------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Identity of the weight we were given, before any init replaces it by a residual.
         self.base_sha256 = tensor_sha256(base.weight)
-        A, B, _ = vanilla_init(base.weight, r, alpha)  # a valid default; inject_lora re-inits
+        A, B = vanilla_factors(base.weight, r)  # a valid default; inject_lora re-inits
         self.A = nn.Parameter(A.float(), requires_grad=not freeze_A)  # (r, n)
         self.B = nn.Parameter(B.float())                                # (m, r)
         self.register_buffer("A0", None)
@@ -162,11 +162,17 @@ def vanilla_init(W: torch.Tensor, r: int, alpha: float, *, generator: torch.Gene
     A is Kaiming-uniform with a = sqrt(5) (uniform in +-1/sqrt(in)), as nn.Linear and most
     LoRA libraries initialise it; the paper used a Gaussian. alpha does not enter.
     """
+    A, B = vanilla_factors(W, r, generator)
+    return A, B, W.clone()
+
+
+def vanilla_factors(W: torch.Tensor, r: int, generator: torch.Generator | None = None):
+    """vanilla_init's A (Kaiming-uniform) and B (zeros), without copying W."""
     m, n = W.shape
     A = torch.empty(r, n, dtype=torch.float32)                     # drawn on the CPU: same numbers on any device
     nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
     B = torch.zeros(m, r, dtype=torch.float32)
-    return A.to(W.device, W.dtype), B.to(W.device, W.dtype), W.clone()
+    return A.to(W.device, W.dtype), B.to(W.device, W.dtype)
 
 
 def _svd_split(W: torch.Tensor, r: int, alpha: float, keep: slice, niter: int | None = None):
@@ -186,7 +192,7 @@ def _svd_split(W: torch.Tensor, r: int, alpha: float, keep: slice, niter: int | 
     root = torch.sqrt(S_r / s)                                     # sqrt(S_r / s), (r,)
     A = root[:, None] * Vh_r                                       # (r, n)
     B = U_r * root[None, :]                                        # (m, r)
-    W_res = W32 - s * B @ A                                        # (m, n)
+    W_res = torch.addmm(W32, B, A, alpha=-s)                       # (m, n) = W - s B A, one GEMM
     return A.to(W.dtype), B.to(W.dtype), W_res.to(W.dtype)
 
 
