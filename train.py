@@ -185,18 +185,18 @@ def load_model_and_data(cfg: TrainConfig, log):
     return model, tok, train, test, calib
 
 
-def calibrate(model, calib, targets, proc, world, device, batch_size=4):
-    """Input covariances of every target layer over the calibration windows (all ranks)."""
+def calibration_batches(calib, proc: int, world: int, batch_size: int = 4) -> list:
+    """This process's share of the calibration windows (every world-th), in batches."""
     if len(calib) < world:
         raise ValueError(f"{len(calib)} calibration windows for {world} processes: every process needs one")
-    collector = nullspace.CovarianceCollector(model, targets, dtype=torch.float64)
-    mine = calib[proc::world]                          # each process takes every world-th window
-    for i in range(0, len(mine), batch_size):
-        collector.add_batch(mine[i:i + batch_size].to(device))
-    if world > 1:                                     # sums and counts add up across ranks
-        for t in list(collector.sums.values()) + list(collector.counts.values()):
-            dist.all_reduce(t)
-    return collector.finalize()
+    mine = calib[proc::world]
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def calibrate(model, calib, targets, proc: int = 0, world: int = 1, device=None) -> dict:
+    """Input covariances of every target layer over the calibration windows (all processes)."""
+    return nullspace.calibrate_blockwise(model, calibration_batches(calib, proc, world), targets,
+                                         dtype=torch.float64, distributed=world > 1)
 
 
 def base_energies(layers, covariances) -> dict[str, float]:
@@ -360,23 +360,26 @@ def main(argv=None) -> dict:
         f"{calib.shape[0]} x {calib.shape[1]} tokens")
     log(f"device     {device}{' bfloat16 autocast' if autocast_dtype else ' float32'}, {world} process(es)")
 
-    # 1. calibration: C = X^T X / N for every target layer (also feeds the disturbance metric)
-    log("calibrating: collecting the input covariance of every target layer ...")
+    # 1. calibration: C = X^T X / N for every target layer, one transformer block at a time
+    #    (memory does not grow with depth), all-reduced over processes; 2. the adapters,
+    #    each block initialised by --init as soon as its covariances are known, or restored
+    #    exactly from the checkpoint. The covariances also feed the disturbance metric.
+    log("calibrating: collecting the input covariance of every target layer, block by block ...")
     t0 = time.time()
-    covariances = calibrate(model, calib, targets, proc, world, device)
-    t_calib = time.time() - t0
+    batches = calibration_batches(calib, proc, world)
+    if resumed is None:
+        layers, covariances = nullspace.inject_lora_blockwise(
+            model, batches, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
+            freeze_A=cfg.v2, seed=cfg.seed, dtype=torch.float64, distributed=world > 1)
+    else:
+        covariances = nullspace.calibrate_blockwise(model, batches, targets, dtype=torch.float64,
+                                                    distributed=world > 1)
+        layers = restore_adapters(model, resumed, cfg, targets)
     if cfg.save_covariances and proc == 0:
         save_covariances(out / "covariances.safetensors", covariances)
-    # 2. the adapters: initialised by --init, or restored exactly from the checkpoint
-    if resumed is None:
-        layers = lora.inject_lora(model, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                                  init=cfg.init, covariances=covariances, freeze_A=cfg.v2, seed=cfg.seed)
-    else:
-        layers = restore_adapters(model, resumed, cfg, targets)
-    t_init = time.time() - t0 - t_calib
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
-    log(f"init       covariances {t_calib:.1f}s, adapter {'init' if resumed is None else 'restore'} {t_init:.1f}s")
+    log(f"init       calibration and adapter {'init' if resumed is None else 'restore'}: {time.time() - t0:.1f}s")
     log(f"method     {cfg.init}{' v2 (A frozen)' if cfg.v2 else ''}, r={cfg.rank}, alpha={cfg.alpha}, "
         f"targets={','.join(targets)} ({len(layers)} layers), {n_trainable / 1e6:.3f}M trainable "
         f"({100 * n_trainable / model.num_params():.2f}%)")
