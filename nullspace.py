@@ -89,7 +89,7 @@ def add_gram_(S: Tensor, x: Tensor, blocks: int = 4) -> Tensor:
         a, b = edges[i], edges[i + 1]
         for j in range(i + 1):
             c, d = edges[j], edges[j + 1]
-            product = x[:, a:b].T @ x[:, c:d]  # (b - a, d - c)
+            product = (x[:, a:b].T @ x[:, c:d]).to(S.dtype)  # (b - a, d - c), cast once
             S[a:b, c:d] += product
             if i != j:
                 S[c:d, a:b] += product.T
