@@ -292,18 +292,36 @@ def inject_lora(model: nn.Module, targets=("q", "k", "v", "o", "gate", "up", "do
                              f"for {missing[:3]}{'...' if len(missing) > 3 else ''}; compute them with "
                              f"nullspace.collect_covariances(model, batches, targets)")
     generator = torch.Generator().manual_seed(seed)
+    bases = {}  # id(C) -> null basis: q/k/v (and gate/up) read one input, so share one eigh
     layers = {}
     for name in names:
-        layer = wrap_linear(model, name, r, alpha, dropout, freeze_A)
         C = covariances[name] if init in NEEDS_COVARIANCE else None
-        try:
-            A, B, W_res = init_factors(init, layer.base.weight.detach(), r, alpha, C, generator)
-        except ValueError as e:
-            raise ValueError(f"{init} init of {name}: {e}") from None
-        layer.initialize(A, B, W_res, method=init)
-        layers[name] = layer
+        layers[name] = init_layer(model, name, init, r, alpha, dropout, freeze_A, C, generator, bases)
     mark_only_lora_trainable(model)
     return layers
+
+
+def init_layer(model: nn.Module, name: str, init: str, r: int, alpha: float, dropout: float = 0.0,
+               freeze_A: bool = False, C: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, bases: dict | None = None) -> LoRALinear:
+    """Wrap the linear `name` in a LoRALinear started from INITS[init].
+
+    C: the layer's input covariance (corda, null). bases: a dict shared by the layers that
+    read the same input, so LoRA-Null computes one null basis (one eigh) per distinct C.
+    """
+    layer = wrap_linear(model, name, r, alpha, dropout, freeze_A)
+    W = layer.base.weight.detach()
+    try:
+        if init == "null" and bases is not None:
+            if id(C) not in bases:
+                bases[id(C)] = nullspace.null_basis(C.to(W.device), r)
+            A, B, W_res = nullspace.loranull_init(W, C, r, alpha, U_null=bases[id(C)])
+        else:
+            A, B, W_res = init_factors(init, W, r, alpha, C, generator)
+    except ValueError as e:
+        raise ValueError(f"{init} init of {name}: {e}") from None
+    layer.initialize(A, B, W_res, method=init)
+    return layer
 
 
 def mark_only_lora_trainable(model: nn.Module):

@@ -339,16 +339,8 @@ def inject_lora_blockwise(model: nn.Module, batches, targets=ALL_TARGETS, *, r: 
     def init_block(i, covariances):
         bases = {}  # id(C) -> null basis of C, computed once per shared input
         for name in (n for n in names if n.startswith(f"layers.{i}.")):
-            layer = lora.wrap_linear(model, name, r, alpha, dropout, freeze_A)
-            W, C = layer.base.weight.detach(), covariances[name]
-            if init == "null":
-                if id(C) not in bases:
-                    bases[id(C)] = null_basis(C.to(W.device), r)
-                A, B, W_res = loranull_init(W, C, r, alpha, U_null=bases[id(C)])
-            else:
-                A, B, W_res = lora.init_factors(init, W, r, alpha, C, generator)
-            layer.initialize(A, B, W_res, method=init)
-            layers[name] = layer
+            C = covariances[name] if init in lora.NEEDS_COVARIANCE else None
+            layers[name] = lora.init_layer(model, name, init, r, alpha, dropout, freeze_A, C, generator, bases)
 
     covariances = calibrate_blockwise(model, batches, targets, init_block=init_block, **calibration)
     lora.mark_only_lora_trainable(model)
