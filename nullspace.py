@@ -284,6 +284,7 @@ def calibrate_blockwise(model: nn.Module, batches, targets=ALL_TARGETS, *, init_
     device = next(model.parameters()).device
     hidden_device = device if hidden_device is None else torch.device(hidden_device)
     covariances, moved = {}, {}  # moved: id of a block's C -> its copy, so sharing survives
+    spare = {}  # the last block's sums by role ("attention.wq"), zeroed and reused by the next
     was_training = model.training
     try:
         model.eval()
@@ -293,6 +294,11 @@ def calibrate_blockwise(model: nn.Module, batches, targets=ALL_TARGETS, *, init_
             for i, block in enumerate(model.layers):
                 collector = CovarianceCollector(model, targets, dtype=dtype, blocks=[i],
                                                 per_sample_max_norm=per_sample_max_norm)
+                for name in collector.groups:  # fresh large buffers would cost page faults
+                    role = name.split(".", 2)[2]
+                    if role in spare:
+                        collector.sums[name] = spare[role].zero_()
+                        collector.counts[name] = torch.zeros((), dtype=torch.int64, device=spare[role].device)
                 for b, (idx, keep) in enumerate(inputs):
                     positions, mask = model._positions_and_mask(idx, keep, None)
                     cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
@@ -301,7 +307,8 @@ def calibrate_blockwise(model: nn.Module, batches, targets=ALL_TARGETS, *, init_
                 if distributed:
                     for t in list(collector.sums.values()) + list(collector.counts.values()):
                         torch.distributed.all_reduce(t)
-                block_covariances = collector.finalize()
+                block_covariances = collector.finalize()  # new tensors: the sums can be reused
+                spare = {name.split(".", 2)[2]: S for name, S in collector.sums.items()}
                 if init_block is not None:
                     init_block(i, block_covariances)
                 if keep_covariances:
