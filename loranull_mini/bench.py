@@ -564,8 +564,8 @@ def measure_generation(cfg, stacks, device, log) -> dict:
 # ----------------------------------------------------------------------------- 4. calibration
 def measure_calibration(cfg, stacks, device, log) -> dict:
     """Block-by-block covariance collection against a plain forward of the same calibration
-    batches. Float32 products and float64 sums, as train.py; no autocast (the covariances
-    are wanted at float32 precision also on CUDA)."""
+    batches: float32 products with float64 sums (dtype=torch.float64 would double the
+    products' cost); no autocast, the covariances are wanted at float32 precision also on CUDA."""
     import nullspace
 
     batches = calibration_batches(stacks.calib, cfg.calib_batch, device)
