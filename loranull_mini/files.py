@@ -1,0 +1,92 @@
+"""Files that are never half-written: one atomic_write for every file the project writes.
+
+A file is written under a temporary name in its own directory, flushed to disk, then
+renamed over its final name (os.replace is atomic on POSIX and Windows): a reader sees
+the old file or the new one, never a mix, also when the writer is killed. A write that
+fails (read-only directory, full disk) leaves the old file untouched and raises an
+OSError that names the file.
+
+Also here: JSON in and out with errors that name the file, and sha256 fingerprints of
+tensors, so that files the project wrote can be verified when they are read back.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def atomic_write(path, write) -> Path:
+    """write(tmp_path) fills a temporary file; it then replaces `path` in one step.
+
+    The temporary file sits next to `path` (same file system, so the rename is atomic)
+    and is removed if anything fails. OSError names the file and the reason.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename, so a crash cannot leave an empty file
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        if e.errno == errno.ENOSPC:
+            reason = "no space left on the device"
+        raise OSError(e.errno, f"cannot write {path}: {reason}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path, obj, *, indent: int = 1) -> Path:
+    """JSON with one trailing newline; floats such as numpy scalars are written as floats."""
+    return write_text(path, json.dumps(obj, indent=indent, default=float) + "\n")
+
+
+def read_json(path, *, missing_ok: bool = False):
+    """The JSON in a file; None for a missing file when missing_ok. ValueError names the file."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path} as JSON (damaged?): {e}") from None
+
+
+def save_figure(fig, path) -> Path:
+    """A matplotlib figure as PNG, atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and raw bytes: recognises a tensor exactly."""
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(memoryview(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()))  # no copy
+    return h.hexdigest()
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """One sha256 over the names, dtypes, shapes and bytes of a dict of tensors (any order)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(f"{name}={tensor_sha256(tensors[name])}\n".encode())
+    return h.hexdigest()
