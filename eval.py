@@ -66,7 +66,7 @@ import torch  # noqa: E402
 import lora  # noqa: E402
 import nullspace  # noqa: E402
 import train  # noqa: E402
-from loranull_mini import adapter_io, metrics  # noqa: E402
+from loranull_mini import adapter_io, calibration, metrics  # noqa: E402
 from loranull_mini import data as datasets  # noqa: E402
 from loranull_mini.data import Example  # noqa: E402
 from model import PROJECTIONS  # noqa: E402
@@ -340,7 +340,7 @@ def train_run(s: dict, method: str, lr: float, seed: int, run_dir: Path, val: li
     init, v2 = METHODS[method]
     run_dir.mkdir(parents=True, exist_ok=True)
     preset = train.PRESETS.get(s["train"]["preset"], {})
-    cfg = train.TrainConfig(**{**preset, **s["train"], "init": init, "v2": v2, "lr": lr, "seed": seed,
+    cfg = train.TrainConfig(**{**preset, **s["train"], "init": init, "freeze_a": v2, "lr": lr, "seed": seed,
                                "steps": s["steps"], "batch_size": s["batch_size"], "out": str(run_dir),
                                "device": device, "data": data_file,
                                "resume": (run_dir / "checkpoint.pt").is_file()})
@@ -422,8 +422,8 @@ def load_base(s: dict, device: str, data_file: str):
     """Base model, tokenizer and calibration windows exactly as train.py builds them."""
     cfg = train.TrainConfig(**{**train.PRESETS.get(s["train"]["preset"], {}), **s["train"], "data": data_file})
     with contextlib.redirect_stdout(sys.stderr):
-        model, tok, _, _, calib = train.load_model_and_data(cfg, print)
-    return model.to(device).eval(), tok, calib, cfg
+        model, tok, data = train.load_model_and_data(cfg, print)
+    return model.to(device).eval(), tok, (data.calibration, data.calibration_mask), cfg
 
 
 def check_settings(out: Path, settings: dict):
@@ -477,7 +477,7 @@ def run_suite(cfg: EvalConfig) -> dict:
     diag = read_json(out / "diagnostics.json")
     if diag is None:
         targets = [t.strip() for t in train_cfg.targets.split(",")]
-        covariances = train.calibrate(base_model, calib.to(device), targets, 0, 1, device)
+        covariances = calibration.calibrate_blockwise(base_model, train.calibration_batches(*calib, 0, 1), targets)
         diag = diagnostics(base_model, covariances)
         del covariances
         atomic_json(out / "diagnostics.json", diag)

@@ -128,6 +128,12 @@ class KVCache:
 
 # ----------------------------------------------------------------------------- blocks
 class Attention(nn.Module):
+    # Grouped-query attention: SDPA can pair each key/value head with its n_rep query heads
+    # itself (enable_gqa), so k and v are not copied n_rep times. CUDA's kernels for an
+    # explicit mask lack that option: there the heads are repeated first (repeat_kv).
+    # None picks that way; True / False forces one branch (the tests compare the two).
+    repeat_kv_heads: bool | None = None
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
@@ -147,15 +153,14 @@ class Attention(nn.Module):
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
             k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]  # (B, Hkv, S, hd)
-        # Grouped-query attention: SDPA pairs each key/value head with its n_rep query heads
-        # itself (enable_gqa), so k and v are not copied n_rep times. CUDA's kernels for an
-        # explicit mask lack that option: there the heads are repeated first.
-        gqa = mask is None or x.device.type == "cpu"
-        if not gqa:
+        repeat = self.repeat_kv_heads
+        if repeat is None:
+            repeat = mask is not None and x.device.type != "cpu"
+        if repeat:
             n_rep = self.n_heads // self.n_kv_heads
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)                          # (B, H, S, hd)
         # no mask (no padding, no cache): plain causal attention, the fast kernels
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=not repeat)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)           # (B, T, H*hd)
         return self.wo(y)
 

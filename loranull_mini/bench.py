@@ -284,15 +284,16 @@ def calibration_batches(calib: torch.Tensor, batch: int, device) -> list:
 def measure_null_vs_corda(cfg, stacks, device, log) -> dict:
     """Our LoRA-Null (block by block: covariances, eigh, factors) against PEFT's CorDA-KPM
     (hooks on the whole model, one sequence per forward, then inverse + SVD per layer)."""
-    import nullspace
     from peft import get_peft_model
     from peft.tuners.lora.corda import preprocess_corda
+
+    from loranull_mini import calibration
 
     batches = calibration_batches(stacks.calib, cfg.calib_batch, device)
     windows = stacks.calib.to(device)
 
     def ours_init(model):
-        nullspace.inject_lora_blockwise(model, batches, ALL_TARGETS, r=cfg.rank, alpha=cfg.alpha, init="null",
+        calibration.inject_blockwise(model, batches, ALL_TARGETS, r=cfg.rank, alpha=cfg.alpha, init="null",
                                         dtype=torch.float32, keep_covariances=False)
 
     def theirs_init(model):
@@ -312,18 +313,19 @@ def inject_pissa_lowrank(model, r: int, alpha: float, niter: int):
     import lora
     for name in lora.target_module_names(model, ALL_TARGETS):
         layer = lora.wrap_linear(model, name, r, alpha)
-        layer.initialize(*lora.pissa_init(layer.base.weight.detach(), r, alpha, niter=niter), method="pissa")
+        layer.initialize(*lora.pissa_init(layer.base.weight.detach(), r, alpha, niter=niter))
     lora.mark_only_lora_trainable(model)
 
 
 def measure_pissa(cfg, stacks, device, log) -> list:
     """Our PiSSA against PEFT's, exact SVD and randomized SVD with 4 subspace iterations."""
     import lora
+    import nullspace
     from peft import get_peft_model
 
     rows = []
     for init, ours_init in [
-        ("pissa", lambda m: lora.inject_lora(m, ALL_TARGETS, r=cfg.rank, alpha=cfg.alpha, init="pissa")),
+        ("pissa", lambda m: nullspace.inject_adapters(m, ALL_TARGETS, r=cfg.rank, alpha=cfg.alpha, init="pissa")),
         ("pissa_niter_4", lambda m: inject_pissa_lowrank(m, cfg.rank, cfg.alpha, niter=4)),
     ]:
         def theirs_init(model, init=init):
@@ -566,7 +568,7 @@ def measure_calibration(cfg, stacks, device, log) -> dict:
     """Block-by-block covariance collection against a plain forward of the same calibration
     batches: float32 products with float64 sums (dtype=torch.float64 would double the
     products' cost); no autocast, the covariances are wanted at float32 precision also on CUDA."""
-    import nullspace
+    from loranull_mini import calibration
 
     batches = calibration_batches(stacks.calib, cfg.calib_batch, device)
     model = stacks.ours
@@ -576,7 +578,7 @@ def measure_calibration(cfg, stacks, device, log) -> dict:
             for idx in batches:
                 model(idx)
 
-    blockwise, plain = alternate(cfg.repeats, lambda: timed(device, lambda: nullspace.calibrate_blockwise(
+    blockwise, plain = alternate(cfg.repeats, lambda: timed(device, lambda: calibration.calibrate_blockwise(
         model, batches, dtype=torch.float32, keep_covariances=False)), lambda: timed(device, forward))
     log(f"calibrate  block by block {fmt(blockwise)} s, plain forward {fmt(plain)} s")
     return row("calibration: covariances vs plain forward, s", "s", blockwise, plain, 1.3,

@@ -63,6 +63,28 @@ def nq_open(split: str, root: Path | None = None) -> list[dict]:
     raise ValueError(f"unknown NQ-open split {split!r} (calibration, heldout)")
 
 
+def calibration_texts(source: str, task_rows: list[dict] | None = None) -> list[str]:
+    """The calibration text of --calib-source: "nq-open" (the calibration split's questions,
+    the paper's choice), "wiki" (Wikipedia passages kept apart from the retention ones),
+    "task" (the task's own training prompts) or the path of a text file (one document per
+    blank-line block)."""
+    if source == "nq-open":
+        return [r["question"] for r in nq_open("calibration")]
+    if source == "wiki":
+        return wiki_passages(WIKI_CALIBRATION, split="calibration")
+    if source == "task":
+        if not task_rows:
+            raise ValueError("--calib-source task needs the task's training rows")
+        return [r["question"] for r in task_rows]
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"--calib-source: neither nq-open, wiki, task nor a file: {source}")
+    texts = [t for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+    if not texts:
+        raise ValueError(f"--calib-source {source}: the file holds no text")
+    return texts
+
+
 def calibration_windows(tokenizer, texts: list[str], n_samples: int, seq_len: int) -> torch.Tensor:
     """Join texts with blank lines (as the reference code does), tokenize, and cut
     n_samples windows of seq_len tokens: (n_samples, seq_len) long. No padding, so every
@@ -105,17 +127,24 @@ def load_task_file(path: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- Wikipedia, MMLU
-def wiki_passages(n: int, root: Path | None = None) -> list[str]:
-    """n distinct Wikipedia passages from BoolQ, in a fixed order."""
+WIKI_HELDOUT = 2000      # distinct BoolQ passages reserved for retention (perplexity, KL)
+WIKI_CALIBRATION = 400   # passages after those, for --calib-source wiki
+
+
+def wiki_passages(n: int, root: Path | None = None, split: str = "heldout") -> list[str]:
+    """n distinct Wikipedia passages from BoolQ, in a fixed order: split "heldout" (the first
+    WIKI_HELDOUT, for retention) or "calibration" (the ones after them)."""
     rows = read_jsonl(Path(root or data_dir()) / "BoolQ" / "combined.jsonl")
-    seen, out = set(), []
-    for r in _shuffled(rows):
-        if r["passage"] not in seen:
-            seen.add(r["passage"])
-            out.append(r["passage"])
-        if len(out) == n:
-            break
-    return out
+    passages = list(dict.fromkeys(r["passage"] for r in _shuffled(rows)))
+    if split == "heldout":
+        pool = passages[:WIKI_HELDOUT]
+    elif split == "calibration":
+        pool = passages[WIKI_HELDOUT:]
+    else:
+        raise ValueError(f"unknown Wikipedia split {split!r} (heldout, calibration)")
+    if n > len(pool):
+        raise ValueError(f"{n} Wikipedia passages asked for, the {split} split has {len(pool)}")
+    return pool[:n]
 
 
 def mmlu(n: int, root: Path | None = None) -> list[dict]:

@@ -5,9 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora import inject_lora, lora_layers
+from lora import lora_layers
 from loranull_mini.adapter_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, base_fingerprint,
                                       export_delta, export_peft, load_adapter, save_adapter)
+from nullspace import inject_adapters
 from tests.conftest import random_model
 from tests.test_lora import ALL, calibration_covariances, logits, random_tokens, train_steps
 
@@ -15,17 +16,27 @@ METHODS = ["vanilla", "pissa", "milora", "corda", "null"]
 
 
 def trained_adapter(method, freeze_A=False, targets=ALL, r=4, alpha=8):
-    """random_model() with adapters of `method`, trained a few steps so A, B left their init."""
+    """random_model() with adapters of `method`, trained a few steps so A, B left their init.
+    The init's name and the base fingerprint, taken before the init, go with the model."""
     model = random_model()
     covariances = calibration_covariances(model) if method in ("corda", "null") else None
-    inject_lora(model, targets, r=r, alpha=alpha, init=method, covariances=covariances, freeze_A=freeze_A)
+    run = {"init": method, "base_fingerprint": base_fingerprint(model)}
+    inject_adapters(model, targets, r=r, alpha=alpha, init=method, covariances=covariances, freeze_A=freeze_A)
+    RUNS[id(model)] = run
     return train_steps(model)
+
+
+RUNS = {}  # id(model) -> {"init", "base_fingerprint"} of trained_adapter's models
+
+
+def save(model, path, config=None):
+    return save_adapter(model, path, {**RUNS[id(model)], **(config or {})})
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_saved_adapter_reloads_into_a_fresh_base_model_with_identical_logits(method, tmp_path):
     model = trained_adapter(method, freeze_A=(method == "null"))
-    save_adapter(model, tmp_path, {"base_model": "tiny-random", "lr": 1e-2})
+    save(model, tmp_path, {"base_model": "tiny-random", "lr": 1e-2})
     fresh = random_model()
     layers = load_adapter(fresh, tmp_path)
     idx = random_tokens()
@@ -34,19 +45,20 @@ def test_saved_adapter_reloads_into_a_fresh_base_model_with_identical_logits(met
     assert layers.keys() == original.keys()
     for name, layer in layers.items():
         assert torch.equal(layer.A, original[name].A) and torch.equal(layer.B, original[name].B)
-        assert layer.has_residual == original[name].has_residual and layer.method == method
+        assert layer.has_residual == original[name].has_residual
         assert layer.A.requires_grad == (method != "null") and layer.B.requires_grad
+    assert json.loads((tmp_path / ADAPTER_CONFIG).read_text())["init"] == method
     assert not any(p.requires_grad for n, p in fresh.named_parameters() if not n.endswith((".A", ".B")))
 
 
 def test_saved_config_records_method_rank_alpha_and_base_fingerprint(tmp_path):
     model = trained_adapter("pissa", targets=("q", "up"), r=2, alpha=6)
-    save_adapter(model, tmp_path, {"base_model": "tiny-random", "lr": 1e-2})
+    save(model, tmp_path, {"base_model": "tiny-random", "lr": 1e-2})
     cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
     assert cfg["init"] == "pissa" and cfg["method"] == "pissa" and cfg["targets"] == ["q", "up"]
     assert cfg["r"] == 2 and cfg["alpha"] == 6 and cfg["freeze_A"] is False
     assert cfg["base_model"] == "tiny-random" and cfg["lr"] == 1e-2
-    assert cfg["base_fingerprint"] == base_fingerprint(random_model()) == base_fingerprint(model)
+    assert cfg["base_fingerprint"] == base_fingerprint(random_model())
     assert cfg["layers"] == sorted(f"layers.{i}.{p}" for i in range(2)
                                    for p in ("attention.wq", "feed_forward.w_up"))
     assert len(load_file(str(tmp_path / ADAPTER_WEIGHTS))) == 4 * len(cfg["layers"])  # A, B, A0, B0
@@ -54,19 +66,19 @@ def test_saved_config_records_method_rank_alpha_and_base_fingerprint(tmp_path):
 
 
 def test_method_label_defaults_to_the_init_and_names_loranull_v2(tmp_path):
-    save_adapter(trained_adapter("null", freeze_A=True), tmp_path)
+    save(trained_adapter("null", freeze_A=True), tmp_path)
     assert json.loads((tmp_path / ADAPTER_CONFIG).read_text())["method"] == "null-v2"
-    save_adapter(trained_adapter("null"), tmp_path, {"method": "my-label"})
+    save(trained_adapter("null"), tmp_path, {"method": "my-label"})
     assert json.loads((tmp_path / ADAPTER_CONFIG).read_text())["method"] == "my-label"
 
 
 def test_config_that_contradicts_the_adapters_is_refused(tmp_path):
     with pytest.raises(ValueError, match="config disagrees.*'r': \\(16, 4\\)"):
-        save_adapter(trained_adapter("vanilla"), tmp_path, {"r": 16})
+        save(trained_adapter("vanilla"), tmp_path, {"r": 16})
 
 
 def test_adapter_refuses_a_different_base_model(tmp_path):
-    save_adapter(trained_adapter("pissa"), tmp_path, {"base_model": "tiny-random"})
+    save(trained_adapter("pissa"), tmp_path, {"base_model": "tiny-random"})
     with pytest.raises(ValueError, match=r"different base model.*\(tiny-random\)"):
         load_adapter(random_model(seed=1), tmp_path)
     with pytest.raises(ValueError, match="different base model"):
@@ -75,7 +87,7 @@ def test_adapter_refuses_a_different_base_model(tmp_path):
 
 def test_loading_into_a_model_that_already_has_adapters_is_refused(tmp_path):
     model = trained_adapter("vanilla")
-    save_adapter(model, tmp_path)
+    save(model, tmp_path)
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         load_adapter(model, tmp_path)
 
@@ -83,7 +95,7 @@ def test_loading_into_a_model_that_already_has_adapters_is_refused(tmp_path):
 @pytest.mark.parametrize("method", METHODS)
 def test_exported_plain_delta_on_the_original_weights_gives_the_same_logits(method, tmp_path):
     model = trained_adapter(method)
-    export_delta(model, tmp_path)
+    export_delta(model, tmp_path, RUNS[id(model)])
     cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
     rank = 4 if method == "vanilla" else 8                      # [A; A0] doubles the rank
     assert cfg["plain_delta"] and cfg["r"] == rank and cfg["alpha"] / cfg["r"] == 8 / 4

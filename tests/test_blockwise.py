@@ -1,4 +1,5 @@
-"""Block-by-block calibration (nullspace.calibrate_blockwise) against all-at-once collection.
+"""Block-by-block calibration (loranull_mini/calibration.py) against all-at-once collection and
+against the plain hook of nullspace.py.
 
 Block by block, the calibration tokens go through one transformer block at a time and each
 block's adapters are initialised before the next block runs, so only one block's
@@ -13,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import lora
 import nullspace as ns
+from loranull_mini import calibration as cal
 from tests.conftest import random_model
 
 
@@ -35,8 +36,8 @@ def padded_batches(seed=0):
 def all_at_once_and_blockwise(dtype, targets=ns.ALL_TARGETS, **kwargs):
     model = random_model(std=0.1)
     batches = padded_batches()
-    reference = ns.collect_covariances(model, batches, targets, dtype=dtype, **kwargs)
-    blockwise = ns.calibrate_blockwise(model, batches, targets, dtype=dtype, **kwargs)
+    reference = cal.calibrate(model, batches, targets, dtype=dtype, **kwargs)
+    blockwise = cal.calibrate_blockwise(model, batches, targets, dtype=dtype, **kwargs)
     return reference, blockwise
 
 
@@ -59,7 +60,7 @@ def test_blockwise_respects_targets_and_per_sample_max_norm():
 
 def test_blockwise_shares_one_covariance_per_input_also_when_moved():
     model = random_model()
-    covariances = ns.calibrate_blockwise(model, padded_batches(), covariance_device="cpu",
+    covariances = cal.calibrate_blockwise(model, padded_batches(), covariance_device="cpu",
                                          hidden_device="cpu")
     for i in range(2):
         q, k, v = (covariances[f"layers.{i}.attention.w{p}"] for p in "qkv")
@@ -71,7 +72,7 @@ def test_each_block_is_handed_over_complete_and_then_freed():
     """init_block(i) sees only block i; with keep_covariances=False nothing of block i
     outlives the call: memory does not grow with depth."""
     model = random_model()
-    reference = ns.collect_covariances(model, padded_batches())
+    reference = cal.calibrate(model, padded_batches())
     seen, alive = [], []
 
     def init_block(i, covariances):
@@ -85,22 +86,21 @@ def test_each_block_is_handed_over_complete_and_then_freed():
         previous[:] = [weakref.ref(C) for C in covariances.values()]
 
     previous = []
-    kept = ns.calibrate_blockwise(model, padded_batches(), init_block=init_block, keep_covariances=False)
+    kept = cal.calibrate_blockwise(model, padded_batches(), init_block=init_block, keep_covariances=False)
     assert kept == {} and seen == [0, 1] and alive == [0, 0]
 
 
-@pytest.mark.parametrize("init", ["null", "corda", "vanilla", "pissa", "milora"])
+@pytest.mark.parametrize("init", ["null", "corda", "vanilla", "pissa", "milora", "top", "space"])
 def test_blockwise_injection_equals_inject_lora_after_collection(init):
     batches = padded_batches()
     reference_model, model = random_model(std=0.1), random_model(std=0.1)
     torch.manual_seed(3)  # LoRALinear's constructor draws from the global generator
-    covariances = ns.collect_covariances(reference_model, batches, dtype=torch.float32)
-    reference = lora.inject_lora(reference_model, r=4, alpha=8, init=init, covariances=covariances,
-                                 freeze_A=init == "null", seed=5)
+    covariances = cal.calibrate(reference_model, batches, dtype=torch.float32)
+    reference = ns.inject_adapters(reference_model, r=4, alpha=8, init=init, covariances=covariances,
+                                   freeze_A=init == "null", seed=5)
     torch.manual_seed(3)
-    layers, blockwise_covariances = ns.inject_lora_blockwise(model, batches, r=4, alpha=8, init=init,
-                                                             freeze_A=init == "null", seed=5,
-                                                             dtype=torch.float32)
+    layers, blockwise_covariances = cal.inject_blockwise(model, batches, r=4, alpha=8, init=init,
+                                                        freeze_A=init == "null", seed=5, dtype=torch.float32)
     assert list(layers) == list(reference)
     for name, layer in layers.items():
         assert torch.equal(blockwise_covariances[name], covariances[name])
@@ -119,7 +119,7 @@ def test_blockwise_null_init_keeps_the_model_output():
     idx = torch.randint(1, 97, (2, 20), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         before, _ = model(idx)
-    ns.inject_lora_blockwise(model, padded_batches(), r=8, alpha=16, init="null")
+    cal.inject_blockwise(model, padded_batches(), r=8, alpha=16, init="null")
     with torch.no_grad():
         after, _ = model(idx)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
@@ -130,17 +130,17 @@ def test_blockwise_restores_the_training_flag_and_removes_hooks_after_an_error()
     with torch.no_grad():
         model.layers[1].attention_norm.weight[0] = float("nan")
     with pytest.raises(ValueError, match=r"NaN/Inf .* entering layers\.1\.attention\.wq"):
-        ns.calibrate_blockwise(model, padded_batches())
+        cal.calibrate_blockwise(model, padded_batches())
     assert model.training
     assert all(not m._forward_hooks for m in model.modules())
     with pytest.raises(ValueError, match="pad_mask shape"):
-        ns.calibrate_blockwise(model, [(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool))])
+        cal.calibrate_blockwise(model, [(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool))])
 
 
 def _blockwise_rank(rank, world, init_file, batches, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        covariances = ns.calibrate_blockwise(random_model(), batches[rank::world], distributed=True)
+        covariances = cal.calibrate_blockwise(random_model(), batches[rank::world], distributed=True)
         if rank == 0:
             torch.save(covariances, out)
     finally:
@@ -151,7 +151,7 @@ def test_distributed_blockwise_sums_the_shares_of_all_ranks(tmp_path):
     batches = padded_batches()
     mp.spawn(_blockwise_rank, args=(2, tmp_path / "init", batches, tmp_path / "c.pt"), nprocs=2)
     summed = torch.load(tmp_path / "c.pt")
-    reference = ns.collect_covariances(random_model(), batches)
+    reference = cal.calibrate(random_model(), batches)
     for name in reference:  # the same sums, added in another order
         torch.testing.assert_close(summed[name], reference[name], rtol=1e-12, atol=1e-14)
 
@@ -164,7 +164,7 @@ def test_gram_from_the_lower_blocks_adds_the_full_product(N, n, blocks, dtype):
     x = torch.randn(N, n, generator=g, dtype=dtype)
     S = torch.randn(n, n, generator=g, dtype=torch.float64)
     expected = S + (x.T @ x).double()
-    assert ns.add_gram_(S, x, blocks) is S
+    assert cal.add_gram_(S, x, blocks) is S
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(S, expected, rtol=tol, atol=tol)
 
@@ -173,18 +173,32 @@ def test_nonfinite_activations_are_caught_through_the_products_diagonal():
     for bad in (float("nan"), float("inf"), float("-inf")):
         x = torch.randn(2, 8, 300)
         x[1, 5, 123] = bad
-        collector = ns.CovarianceCollector(random_model())
+        collector = cal.CovarianceCollector(random_model())
         with pytest.raises(ValueError, match="NaN/Inf .* entering layer"):
             collector._accumulate("layer", x, None)
 
 
 def test_all_finite_tells_nan_and_inf_from_a_sum_that_overflows():
     big = torch.full((4, 4), 3e38)  # finite, but its float32 sum overflows
-    assert ns.all_finite(big) and ns.all_finite(torch.zeros(0))
+    assert cal.all_finite(big) and cal.all_finite(torch.zeros(0))
     for bad in (float("nan"), float("inf"), float("-inf")):
         t = torch.ones(5, 5, dtype=torch.float64)
         t[2, 3] = bad
-        assert not ns.all_finite(t)
+        assert not cal.all_finite(t)
     t = torch.ones(3)
     t[0], t[1] = float("inf"), float("-inf")  # the sum is NaN
-    assert not ns.all_finite(t)
+    assert not cal.all_finite(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_blockwise_covariances_equal_the_plain_hook_of_nullspace(dtype):
+    """The machinery (float32 or float64 products of the lower blocks, block by block)
+    computes the covariances of the one-page hook in nullspace.py, to rounding."""
+    model = random_model(std=0.1)
+    plain = ns.collect_covariances(model, padded_batches())
+    blockwise = cal.calibrate_blockwise(model, padded_batches(), dtype=dtype)
+    assert list(blockwise) == list(plain)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    for name, C in plain.items():
+        torch.testing.assert_close(blockwise[name], C, rtol=0, atol=tolerance * float(C.abs().max()))
+        assert torch.equal(blockwise[name], blockwise[name].T)

@@ -41,7 +41,7 @@ def test_cuda_lora_null_init_preserves_logits_and_trains_only_adapters():
     idx = torch.randint(0, 97, (4, 32), device="cuda")
     ref, _ = model(idx)
     covs = nullspace.collect_covariances(model, [idx])
-    lora.inject_lora(model, r=4, alpha=8, init="null", covariances=covs)
+    nullspace.inject_adapters(model, r=4, alpha=8, init="null", covariances=covs)
     out, _ = model(idx)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

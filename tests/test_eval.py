@@ -9,6 +9,7 @@ import torch
 
 import eval as ev
 import lora
+import nullspace
 from conftest import random_model
 from loranull_mini import metrics, toy
 from loranull_mini.data import Example
@@ -151,7 +152,7 @@ def test_lr_rule_takes_the_lowest_mean_validation_loss_ties_to_the_smaller_lr():
 # ----------------------------------------------------------------------------- whole models
 def test_merged_model_evaluates_like_base_plus_adapter():
     model, tok = toy.load_toy_model(log=lambda *a: None)
-    lora.inject_lora(model, r=4, alpha=8, init="pissa")
+    nullspace.inject_adapters(model, r=4, alpha=8, init="pissa")
     with torch.no_grad():                               # a trained-looking adapter
         g = torch.Generator().manual_seed(0)
         for layer in lora.lora_layers(model).values():

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import nullspace
-from lora import (INITS, LoRALinear, inject_lora, lora_layers, lora_state_dict, merge_lora, milora_init,
-                  pissa_init, unload_lora, unmerge_lora, vanilla_init)
+from lora import (LoRALinear, inject_lora, lora_layers, lora_state_dict, merge_lora, milora_init, pissa_init,
+                  unload_lora, unmerge_lora, vanilla_init)
+from nullspace import INITS, inject_adapters
 from tests.conftest import random_model
 
 METHODS = ["vanilla", "pissa", "milora", "corda", "null"]
@@ -24,9 +25,7 @@ def random_covariance(n=32, seed=1):
 
 
 def init(method, W, r, alpha, C=None):
-    if method in ("corda", "null"):
-        return INITS[method](W, C, r, alpha)
-    return INITS[method](W, r, alpha)
+    return INITS[method](W, C, r, alpha)
 
 
 def calibration_covariances(model, n_tokens=(4, 32), seed=0):
@@ -70,10 +69,11 @@ def test_init_residual_plus_scaled_product_equals_weight(method, alpha):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_inits_return_tensors_in_the_weights_dtype(method):
+def test_inits_return_float32_factors_and_the_residual_in_the_weights_dtype(method):
     W = random_weight().to(torch.bfloat16)
     A, B, W_res = init(method, W, 4, 8, random_covariance())
-    assert A.dtype == B.dtype == W_res.dtype == torch.bfloat16
+    assert A.dtype == B.dtype == torch.float32          # as PEFT: a bf16 A would leave the null space
+    assert W_res.dtype == torch.bfloat16
 
 
 def test_vanilla_init_is_kaiming_uniform_A_zero_B_unchanged_weight():
@@ -194,7 +194,7 @@ def test_bf16_autocast_forward_runs_and_stays_close():
 
 def test_repr_shows_rank_scaling_and_method():
     text = repr(nonzero_adapter())
-    assert "r=4" in text and "scaling=2" in text and "method=vanilla" in text
+    assert "r=4" in text and "scaling=2" in text and "residual=False" in text
 
 
 # ----------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def test_injecting_any_init_leaves_the_logits_unchanged(method):
     reference = logits(random_model(), idx)
     model = random_model()
     covariances = calibration_covariances(model)
-    layers = inject_lora(model, ALL, r=4, alpha=8, init=method, covariances=covariances)
+    layers = inject_adapters(model, ALL, r=4, alpha=8, init=method, covariances=covariances)
     assert len(layers) == 7 * model.config.n_layers
     assert all(layer.has_residual == (method != "vanilla") for layer in layers.values())
     torch.testing.assert_close(logits(model, idx), reference, atol=1e-5, rtol=0)
@@ -233,7 +233,7 @@ def test_only_adapter_parameters_are_trainable():
 @pytest.mark.parametrize("method", ["vanilla", "pissa"])
 def test_adamw_steps_change_the_adapter_but_never_the_base_weights(method):
     model = random_model()
-    inject_lora(model, ALL, r=4, alpha=8, init=method)
+    inject_adapters(model, ALL, r=4, alpha=8, init=method)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train_steps(model)
     after = model.state_dict()
@@ -246,7 +246,7 @@ def test_adamw_steps_change_the_adapter_but_never_the_base_weights(method):
 
 def test_freeze_A_keeps_A_bit_identical_and_trains_B():
     model = random_model()
-    layers = inject_lora(model, ALL, r=4, init="null", covariances=calibration_covariances(model), freeze_A=True)
+    layers = inject_adapters(model, ALL, r=4, init="null", covariances=calibration_covariances(model), freeze_A=True)
     A_before = {name: layer.A.clone() for name, layer in layers.items()}
     B_before = {name: layer.B.clone() for name, layer in layers.items()}
     train_steps(model)
@@ -264,7 +264,7 @@ def test_loranull_v2_training_leaves_outputs_on_calibration_inputs_unchanged(fre
     model = random_model(std=0.1)
     calibration = random_tokens((1, 20), seed=11)
     covariances = nullspace.collect_covariances(model, [calibration], ALL)
-    inject_lora(model, ALL, r=4, alpha=8, init="null", covariances=covariances, freeze_A=freeze_A)
+    inject_adapters(model, ALL, r=4, alpha=8, init="null", covariances=covariances, freeze_A=freeze_A)
     before = logits(model, calibration)
     train_steps(model, steps=5, lr=3e-2)
     change = (logits(model, calibration) - before).abs().max().item()
@@ -273,7 +273,7 @@ def test_loranull_v2_training_leaves_outputs_on_calibration_inputs_unchanged(fre
 
 def test_merged_model_computes_the_same_logits_and_unmerge_restores_it():
     model = random_model()
-    inject_lora(model, ALL, r=4, alpha=8, init="pissa")
+    inject_adapters(model, ALL, r=4, alpha=8, init="pissa")
     train_steps(model)
     idx = random_tokens()
     base_weights = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("base.weight")}
@@ -288,7 +288,7 @@ def test_merged_model_computes_the_same_logits_and_unmerge_restores_it():
 
 def test_unloaded_model_has_plain_layers_with_the_fine_tuned_weights():
     model = random_model()
-    inject_lora(model, ALL, r=4, alpha=8, init="milora")
+    inject_adapters(model, ALL, r=4, alpha=8, init="milora")
     train_steps(model)
     idx = random_tokens()
     adapted = logits(model, idx)
@@ -300,11 +300,11 @@ def test_unloaded_model_has_plain_layers_with_the_fine_tuned_weights():
 
 def test_lora_state_dict_holds_A_B_and_starting_factors_of_moved_layers():
     model = random_model()
-    inject_lora(model, ("q",), r=2, init="pissa")
+    inject_adapters(model, ("q",), r=2, init="pissa")
     assert sorted(lora_state_dict(model)) == sorted(
         f"layers.{i}.attention.wq.{t}" for i in range(2) for t in ("A", "B", "A0", "B0"))
     model = random_model()
-    inject_lora(model, ("q",), r=2, init="vanilla")
+    inject_adapters(model, ("q",), r=2, init="vanilla")
     assert sorted(lora_state_dict(model)) == sorted(f"layers.{i}.attention.wq.{t}" for i in range(2) for t in "AB")
 
 
@@ -328,7 +328,7 @@ def test_rank_larger_than_the_layer_is_a_clear_error():
 
 def test_unknown_init_is_a_clear_error():
     with pytest.raises(ValueError, match=r"unknown init 'dora'.*'vanilla', 'pissa', 'milora', 'corda', 'null'"):
-        inject_lora(random_model(), init="dora")
+        inject_adapters(random_model(), init="dora")
 
 
 def test_unknown_target_is_a_clear_error():
@@ -339,11 +339,11 @@ def test_unknown_target_is_a_clear_error():
 @pytest.mark.parametrize("method", ["null", "corda"])
 def test_covariance_init_without_covariances_is_a_clear_error(method):
     with pytest.raises(ValueError, match=rf"init '{method}' needs the input covariance.*collect_covariances"):
-        inject_lora(random_model(), init=method)
+        inject_adapters(random_model(), init=method)
     partial = calibration_covariances(random_model())
     del partial["layers.1.feed_forward.w_down"]
     with pytest.raises(ValueError, match=r"missing for \['layers\.1\.feed_forward\.w_down'\]"):
-        inject_lora(random_model(), init=method, covariances=partial)
+        inject_adapters(random_model(), init=method, covariances=partial)
 
 
 def test_injecting_twice_is_a_clear_error():

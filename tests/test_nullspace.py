@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import nullspace as ns
+from loranull_mini import calibration as cal
 from model import PROJECTIONS
 from tests.conftest import random_model
 
@@ -171,7 +172,14 @@ def test_knowledge_disturbance_equals_output_change_on_calibration_inputs():
     W = random_weight(20, 32, dtype=torch.float64)
     dW = random_weight(20, 32, seed=5, dtype=torch.float64) * 0.1
     explicit = (X @ dW.T).norm() / (X @ W.T).norm()
-    assert ns.knowledge_disturbance(dW, W, gram(X)) == pytest.approx(float(explicit), rel=1e-10)
+    energy = ns.output_energy(W, gram(X))
+    assert energy == pytest.approx(float((X @ W.T).norm() ** 2 / len(X)), rel=1e-10)
+    # the dense update as F @ G with G = I, and a low-rank update given by its factors
+    assert ns.knowledge_disturbance(dW, torch.eye(32, dtype=torch.float64), gram(X), energy) == pytest.approx(
+        float(explicit), rel=1e-10)
+    F, G = dW[:, :3], random_weight(3, 32, seed=6, dtype=torch.float64)
+    low_rank = (X @ (F @ G).T).norm() / (X @ W.T).norm()
+    assert ns.knowledge_disturbance(F, G, gram(X), energy) == pytest.approx(float(low_rank), rel=1e-10)
 
 
 def test_frozen_null_A_makes_any_B_update_invisible_to_knowledge_inputs():
@@ -181,10 +189,10 @@ def test_frozen_null_A_makes_any_B_update_invisible_to_knowledge_inputs():
     C = gram(X)
     A, _, _ = ns.loranull_init(W, C, 8, 16.0)
     dB = torch.randn(24, 8, dtype=torch.float64)
-    assert ns.knowledge_disturbance(2.0 * dB @ A, W, C) < 1e-6
+    assert ns.knowledge_disturbance(2.0 * dB, A.double(), C, ns.output_energy(W, C)) < 1e-6
     # The same update through a PiSSA-like A disturbs them.
     A_pissa = torch.linalg.svd(W, full_matrices=False)[2][:8]
-    assert ns.knowledge_disturbance(2.0 * dB @ A_pissa, W, C) > 0.1
+    assert ns.knowledge_disturbance(2.0 * dB, A_pissa, C, ns.output_energy(W, C)) > 0.1
 
 
 # ----------------------------------------------------------------------------- CorDA
@@ -287,7 +295,7 @@ def test_diagnostics_reject_bad_inputs():
     with pytest.raises(ValueError, match="expected A"):
         ns.captured_energy(torch.ones(2, 5), torch.eye(4))
     with pytest.raises(ValueError, match="do not match"):
-        ns.knowledge_disturbance(torch.ones(3, 4), torch.ones(3, 5), torch.eye(5))
+        ns.knowledge_disturbance(torch.ones(3, 4), torch.ones(3, 5), torch.eye(5), 1.0)
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -341,7 +349,7 @@ def test_float32_products_match_float64_covariances():
     model = random_model()
     batches = calibration_batches()
     C64 = ns.collect_covariances(model, batches)
-    C32 = ns.collect_covariances(model, batches, dtype=torch.float32)
+    C32 = cal.calibrate(model, batches, dtype=torch.float32)
     for name in C64:
         assert C32[name].dtype == torch.float64
         torch.testing.assert_close(C32[name], C64[name], rtol=1e-5, atol=1e-6)
@@ -358,7 +366,7 @@ def test_padding_does_not_change_covariances(side):
     pieces = [short, pad] if side == "right" else [pad, short]
     idx = torch.cat([torch.cat(pieces, dim=1), long])  # (2, 16)
     keep = idx != 0  # pad id 0 never appears in the real tokens above
-    collector = ns.CovarianceCollector(model)
+    collector = cal.CovarianceCollector(model)
     collector.add_batch(idx, keep)
     padded = collector.finalize()
     assert all(int(count) == 26 for count in collector.counts.values())
@@ -366,7 +374,7 @@ def test_padding_does_not_change_covariances(side):
         torch.testing.assert_close(padded[name], reference[name], rtol=1e-5, atol=1e-6)
 
 
-class CountingCollector(ns.CovarianceCollector):
+class CountingCollector(cal.CovarianceCollector):
     """Counts how often each hooked layer's input is accumulated."""
 
     def __init__(self, *args, **kwargs):
@@ -466,7 +474,7 @@ def test_per_sample_max_norm_divides_each_sequence_by_its_signed_max():
     idx = torch.randint(1, 97, (2, 12))
     keep = torch.ones(2, 12, dtype=torch.bool)
     keep[0, 9:] = False
-    covariances = ns.collect_covariances(model, [(idx, keep)], per_sample_max_norm=True, targets=("o",))
+    covariances = cal.calibrate(model, [(idx, keep)], per_sample_max_norm=True, targets=("o",))
     # Record the inputs of wo per sequence and normalise them by hand.
     X = record_linear_inputs(model, [(idx, keep)])["layers.1.attention.wo"]  # (9 + 12, n)
     first, second = X[:9], X[9:]

@@ -197,8 +197,10 @@ def test_logged_disturbance_equals_the_dense_formula(tmp_path, init):
         W_now = layer.base.weight.double() + layer.delta_weight().double()
         W0 = layer.base.weight.double() + (layer.scaling * layer.B0.double() @ layer.A0.double()
                                            if layer.has_residual else 0)
-        dense.append(nullspace.knowledge_disturbance(W_now - W0, W0, covs[name]))
-    logged = train.knowledge_disturbance(layers, covs, train.base_energies(layers, covs))
+        dW, C = W_now - W0, covs[name]
+        dense.append(float(torch.sqrt(torch.trace(dW @ C @ dW.T) / torch.trace(W0 @ C @ W0.T))))
+    energies = {name: nullspace.output_energy(train.original_weight(layer), covs[name]) for name, layer in layers.items()}
+    logged = train.mean_disturbance(layers, covs, energies)
     assert logged == pytest.approx(sum(dense) / len(dense), rel=1e-6)
     assert logged > 1e-4
     assert result["metrics"][-1]["disturbance"] == pytest.approx(logged, rel=1e-9)

@@ -1,0 +1,33 @@
+"""One device picker for train.py, eval.py and the benchmark, with clear errors."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def pick_device(name: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype or None) from --device and --dtype.
+
+    auto: this process's CUDA device (LOCAL_RANK under torchrun) when there is one, else the
+    CPU. dtype auto: bfloat16 autocast on CUDA, float32 on the CPU.
+    """
+    if name == "auto":
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this machine has no usable CUDA device (torch {torch.__version__}"
+                             f"{'' if torch.version.cuda else ', a CPU-only build'}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    return device, (torch.bfloat16 if dtype == "bfloat16" else None)

@@ -1,0 +1,128 @@
+"""A training run's state on disk: resumable checkpoints, the metrics log, the run's history.
+
+    OUT/checkpoint.pt      step, config, every adapter tensor, optimizer state, random states,
+                           and a sha256 of the tensors (verified on resume)
+    OUT/metrics.jsonl      one JSON row per step (loss, lr, ...), plus the evaluations
+    OUT/run.json           the settings the run started with and one entry per resume
+
+Every file is replaced atomically (loranull_mini/files.py), and a checkpoint is written only
+from finite adapter weights: a killed or diverged run always leaves the last good state.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from loranull_mini.files import atomic_write, read_json, tensors_sha256, write_json, write_text
+
+CHECKPOINT, METRICS, RUN = "checkpoint.pt", "metrics.jsonl", "run.json"
+
+# Settings a resumed run must share with its checkpoint (the rest, e.g. --steps, may change).
+RESUME_MUST_MATCH = ("init", "freeze_a", "preset", "model", "rank", "alpha", "targets", "dropout", "data", "max_len",
+                     "calib_source", "calib_samples", "calib_len", "batch_size", "grad_accum", "seed",
+                     "weight_decay")
+
+
+# ----------------------------------------------------------------------------- random states
+def random_states(device: torch.device) -> dict:
+    """This process's random states: the CPU generator and, on CUDA, the device's."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_random_states(states: dict, device: torch.device):
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def all_random_states(device: torch.device, world: int) -> list[dict]:
+    """Every rank's random states, in rank order (one collective call; all ranks take part)."""
+    mine = random_states(device)
+    if world == 1:
+        return [mine]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {k: v.cpu() for k, v in mine.items()})
+    return gathered
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, step: int, adapters: dict, optimizer, config: dict, rng: list[dict], start: dict):
+    """Step, config, adapter tensors (A, B and the init's A0, B0), optimizer, every rank's
+    random states, the evaluation at step 0, and the sha256 of the adapter tensors.
+    Refuses non-finite tensors."""
+    adapters = {k: v.detach().cpu().contiguous() for k, v in adapters.items()}
+    bad = [k for k, v in adapters.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"adapter tensors {bad[:3]} are not finite: checkpoint {path} not written")
+    state = {"step": step, "config": config, "adapters": adapters, "adapters_sha256": tensors_sha256(adapters),
+             "optimizer": optimizer.state_dict(), "rng": rng, "start": start}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def read_checkpoint(path: Path, config: dict) -> dict:
+    """A verified checkpoint: readable, its tensors unchanged since saving (sha256), finite,
+    and made with the settings a resume must share (RESUME_MUST_MATCH)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path} (truncated or corrupted?): {e}") from None
+    keys = ("step", "config", "adapters", "adapters_sha256", "optimizer", "rng", "start")
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        raise ValueError(f"{path} is not a loranull-mini training checkpoint (expected the keys {keys})")
+    if tensors_sha256(state["adapters"]) != state["adapters_sha256"]:
+        raise ValueError(f"checkpoint {path}: its adapter tensors do not match the sha256 recorded when it "
+                         f"was saved (the file was changed or damaged)")
+    if any(not torch.isfinite(v).all() for v in state["adapters"].values()):
+        raise ValueError(f"checkpoint {path} holds non-finite adapter values")
+    changed = {k: (state["config"].get(k), config.get(k)) for k in RESUME_MUST_MATCH
+               if state["config"].get(k) != config.get(k)}
+    if changed:
+        raise ValueError(f"--resume with settings that differ from the checkpoint {path} (saved, given): {changed}")
+    if config["steps"] <= state["step"]:
+        raise ValueError(f"--steps {config['steps']} is not beyond the checkpoint's step {state['step']} "
+                         f"in {path}: nothing left to train")
+    return state
+
+
+# ----------------------------------------------------------------------------- metrics and history
+def write_metrics(path: Path, rows: list[dict]):
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_metrics(path: Path, up_to_step: int) -> list[dict]:
+    """The rows of a metrics log up to a step (a resume drops the rows past its checkpoint)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}); fix or delete the line") from None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError(f"{path}:{number}: a metrics row needs an integer 'step'")
+            rows.append(row)
+    return [r for r in rows if r["step"] <= up_to_step]
+
+
+def record_run(out: Path, config: dict, resumed_from: int | None) -> dict:
+    """run.json: the settings the run started with, never rewritten; each resume appends
+    {step, settings that changed}. Returns the record."""
+    path = out / RUN
+    record = read_json(path, missing_ok=True)
+    if record is None or resumed_from is None:
+        record = {"config": config, "resumes": []}
+    else:
+        changed = {k: v for k, v in config.items() if record["config"].get(k) != v and k != "resume"}
+        record["resumes"].append({"step": resumed_from, "changed": changed})
+    write_json(path, record)
+    return record
