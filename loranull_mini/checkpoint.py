@@ -24,6 +24,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
+import numbers
 import os
 import re
 from pathlib import Path
@@ -51,7 +53,36 @@ def config_errors(path):
     except KeyError as e:
         raise CheckpointError(f"{path}: lacks the key {e}") from None
     except (ValueError, TypeError) as e:  # e.g. ModelConfig: dim not divisible by n_heads
-        raise CheckpointError(f"{path}: inconsistent config: {e}") from None
+        raise CheckpointError(f"{path}: invalid config: {e}") from None
+
+
+REQUIRED = object()  # setting()'s default for a key the file must have
+
+# kind -> (test, what a value of that kind is)
+KINDS = {
+    "size": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0,
+             "a positive integer"),
+    "number": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+               "a positive number"),
+    "flag": (lambda v: isinstance(v, bool), "true or false"),
+    "object": (lambda v: isinstance(v, dict), "a JSON object"),
+}
+
+
+def checked(value, kind: str, key: str, path):
+    """value if it is of `kind` (KINDS), else a CheckpointError naming the file, the key and the value."""
+    test, what = KINDS[kind]
+    if not test(value):
+        raise CheckpointError(f"{path}: {key} must be {what}, got {value!r}")
+    return value
+
+
+def setting(raw: dict, key: str, kind: str, path, default=REQUIRED):
+    """raw[key] checked to be of `kind`. An absent or null key gives `default`; without one,
+    absent is a KeyError (config_errors: "lacks the key") and null a CheckpointError."""
+    if default is not REQUIRED and raw.get(key) is None:
+        return default
+    return checked(raw[key], kind, key, path)
 
 
 # ----------------------------------------------------------------------------- rotary layout
@@ -222,7 +253,8 @@ def read_gguf(path) -> tuple[ModelConfig, dict]:
     reader = path if isinstance(path, gguf.GGUFReader) else open_gguf(path)
     path = Path(reader.data.filename)  # the file's np.memmap knows its name
 
-    def meta(key, default=None):
+    def meta(key, kind=None, default=None):
+        """The value of a metadata key, checked to be of `kind` (KINDS) when one is given."""
         field = reader.fields.get(key)
         if field is None:
             if default is None:
@@ -230,25 +262,26 @@ def read_gguf(path) -> tuple[ModelConfig, dict]:
             return default
         value = field.contents()
         # float32 metadata (eps, theta) back to its decimal value: 9.99999975e-06 -> 1e-05
-        return float(str(np.float32(value))) if isinstance(value, float) else value
+        value = float(str(np.float32(value))) if isinstance(value, float) else value
+        return value if kind is None else checked(value, kind, key, path)
 
     arch = meta("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
     names = {t.name for t in reader.tensors}
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    n_heads = meta("llama.attention.head_count")
+    n_heads = meta("llama.attention.head_count", "size")
     with config_errors(path):
         config = ModelConfig(
-            dim=meta("llama.embedding_length"),
-            n_layers=meta("llama.block_count"),
+            dim=meta("llama.embedding_length", "size"),
+            n_layers=meta("llama.block_count", "size"),
             n_heads=n_heads,
-            n_kv_heads=meta("llama.attention.head_count_kv", n_heads),
-            vocab_size=len(tokens.data) if tokens is not None else meta("llama.vocab_size"),
-            hidden_dim=meta("llama.feed_forward_length"),
-            norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
-            rope_theta=meta("llama.rope.freq_base", 10000.0),
-            max_seq_len=meta("llama.context_length"),
+            n_kv_heads=meta("llama.attention.head_count_kv", "size", n_heads),
+            vocab_size=len(tokens.data) if tokens is not None else meta("llama.vocab_size", "size"),
+            hidden_dim=meta("llama.feed_forward_length", "size"),
+            norm_eps=meta("llama.attention.layer_norm_rms_epsilon", "number"),
+            rope_theta=meta("llama.rope.freq_base", "number", 10000.0),
+            max_seq_len=meta("llama.context_length", "size"),
             tie_embeddings="output.weight" not in names,
         )
     try:
@@ -287,10 +320,13 @@ def hf_config(path: Path) -> ModelConfig:
     if hf.get("model_type") != "llama":
         raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not supported (only 'llama')")
     # transformers 5: rope_parameters = {rope_type, rope_theta}; 4: rope_theta + rope_scaling
-    rope = hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}),
-                                         "rope_theta": hf.get("rope_theta", 10000.0)}
+    if hf.get("rope_parameters"):
+        rope = setting(hf, "rope_parameters", "object", path)
+    else:
+        rope = {**setting(hf, "rope_scaling", "object", path, {}), "rope_theta": hf.get("rope_theta", 10000.0)}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    n_heads, dim = hf["num_attention_heads"], hf["hidden_size"]
+    n_heads = setting(hf, "num_attention_heads", "size", path)
+    dim = setting(hf, "hidden_size", "size", path)
     unsupported = [what for what, bad in [
         (f"rope_type {rope_type!r}", rope_type != "default"),
         (f"hidden_act {hf.get('hidden_act')!r}", hf.get("hidden_act", "silu") != "silu"),
@@ -303,15 +339,15 @@ def hf_config(path: Path) -> ModelConfig:
         raise CheckpointError(f"{path}: unsupported LLaMA variant: {', '.join(unsupported)}")
     return ModelConfig(
         dim=dim,
-        n_layers=hf["num_hidden_layers"],
+        n_layers=setting(hf, "num_hidden_layers", "size", path),
         n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        vocab_size=hf["vocab_size"],
-        hidden_dim=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope["rope_theta"]),
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        tie_embeddings=hf.get("tie_word_embeddings", False),
+        n_kv_heads=setting(hf, "num_key_value_heads", "size", path, n_heads),
+        vocab_size=setting(hf, "vocab_size", "size", path),
+        hidden_dim=setting(hf, "intermediate_size", "size", path),
+        norm_eps=setting(hf, "rms_norm_eps", "number", path, 1e-6),
+        rope_theta=float(setting(rope, "rope_theta", "number", path)),
+        max_seq_len=setting(hf, "max_position_embeddings", "size", path, 2048),
+        tie_embeddings=setting(hf, "tie_word_embeddings", "flag", path, False),
     )
 
 
@@ -370,20 +406,27 @@ def meta_config(params: dict, tensors: dict, path: Path) -> ModelConfig:
     """ModelConfig from params.json (vocab_size -1, as in LLaMA-2, is read off the embedding)."""
     if params.get("use_scaled_rope"):
         raise CheckpointError(f"{path}: use_scaled_rope (LLaMA-3.1 rope scaling) is not supported")
-    vocab_size = params.get("vocab_size", -1)
-    if vocab_size <= 0 and "tok_embeddings.weight" in tensors:
-        vocab_size = tensors["tok_embeddings.weight"].shape[0]
-    dim = params["dim"]
+    if params.get("vocab_size", -1) == -1:  # LLaMA-2: as many as the tokenizer, the embedding's rows
+        embedding = tensors.get("tok_embeddings.weight")
+        if embedding is None or embedding.dim() != 2:
+            raise CheckpointError(f"{path}: vocab_size -1 is read off the embedding, but there is no "
+                                  "2-d tensor 'tok_embeddings.weight'")
+        vocab_size = embedding.shape[0]
+    else:
+        vocab_size = setting(params, "vocab_size", "size", path)
+    dim, n_heads = setting(params, "dim", "size", path), setting(params, "n_heads", "size", path)
+    hidden_dim = meta_hidden_dim(dim, setting(params, "multiple_of", "size", path, 256),
+                                 setting(params, "ffn_dim_multiplier", "number", path, None))
     return ModelConfig(
         dim=dim,
-        n_layers=params["n_layers"],
-        n_heads=params["n_heads"],
-        n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+        n_layers=setting(params, "n_layers", "size", path),
+        n_heads=n_heads,
+        n_kv_heads=setting(params, "n_kv_heads", "size", path, n_heads),
         vocab_size=vocab_size,
-        hidden_dim=meta_hidden_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
-        norm_eps=params.get("norm_eps", 1e-5),
-        rope_theta=float(params.get("rope_theta", 10000.0)),
-        max_seq_len=params.get("max_seq_len", 4096),
+        hidden_dim=hidden_dim,
+        norm_eps=setting(params, "norm_eps", "number", path, 1e-5),
+        rope_theta=float(setting(params, "rope_theta", "number", path, 10000.0)),
+        max_seq_len=setting(params, "max_seq_len", "size", path, 4096),
         tie_embeddings="output.weight" not in tensors,
     )
 

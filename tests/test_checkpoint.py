@@ -102,8 +102,10 @@ def test_meta_ffn_params_give_back_any_hidden_dim(dim, hidden_dim):
 
 
 # ----------------------------------------------------------------------------- tiny GGUF
-def write_gguf(model, path, arch="llama"):
-    """Our model as a llama.cpp GGUF (float32, q/k rows interleaved as llama.cpp stores them)."""
+def write_gguf(model, path, arch="llama", metadata=None):
+    """Our model as a llama.cpp GGUF (float32, q/k rows interleaved as llama.cpp stores them).
+
+    metadata: {key: (value, gguf.GGUFValueType)} written over the model's own values."""
     c = model.config
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(c.n_layers)
@@ -115,6 +117,8 @@ def write_gguf(model, path, arch="llama"):
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.norm_eps)
     writer.add_vocab_size(c.vocab_size)
+    for key, (value, vtype) in (metadata or {}).items():
+        writer.add_key_value(key, value, vtype)
     names = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
              "attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
              "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
@@ -243,6 +247,73 @@ def test_config_without_a_required_key_is_an_error_naming_the_key(hf_dir):
     (hf_dir / "config.json").write_text(json.dumps(config))
     with raises_naming(hf_dir / "config.json", "lacks the key 'num_attention_heads'"):
         load_model(hf_dir)
+
+
+def edit_json(path, **changes):
+    """Rewrite a JSON object file with some keys changed."""
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("key,value,problem", [
+    ("num_attention_heads", 0, "num_attention_heads must be a positive integer, got 0"),
+    ("num_hidden_layers", -2, "num_hidden_layers must be a positive integer, got -2"),
+    ("hidden_size", 64.5, "hidden_size must be a positive integer, got 64.5"),
+    ("intermediate_size", "128", "intermediate_size must be a positive integer, got '128'"),
+    ("vocab_size", 0, "vocab_size must be a positive integer, got 0"),
+    ("num_key_value_heads", 0, "num_key_value_heads must be a positive integer, got 0"),
+    ("max_position_embeddings", "64", "max_position_embeddings must be a positive integer, got '64'"),
+    ("rms_norm_eps", "1e-5", "rms_norm_eps must be a positive number, got '1e-5'"),
+    ("tie_word_embeddings", "false", "tie_word_embeddings must be true or false, got 'false'"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 0}, "rope_theta must be a positive number, got 0"),
+    ("rope_parameters", ["default", 10000.0], r"rope_parameters must be a JSON object, got \['default', 10000.0\]"),
+])
+def test_hf_config_with_a_nonsense_value_is_an_error_naming_the_key(hf_dir, key, value, problem):
+    edit_json(hf_dir / "config.json", **{key: value})
+    with raises_naming(hf_dir / "config.json", problem):
+        load_model(hf_dir)
+
+
+@pytest.mark.parametrize("key,value,problem", [
+    ("n_heads", 0, "n_heads must be a positive integer, got 0"),
+    ("dim", "64", "dim must be a positive integer, got '64'"),
+    ("n_layers", 2.0, "n_layers must be a positive integer, got 2.0"),
+    ("vocab_size", "97", "vocab_size must be a positive integer, got '97'"),
+    ("multiple_of", 0, "multiple_of must be a positive integer, got 0"),
+    ("ffn_dim_multiplier", "1.3", "ffn_dim_multiplier must be a positive number, got '1.3'"),
+    ("ffn_dim_multiplier", 0.001, "hidden_dim must be a positive integer, got 0"),  # int(0.001 * 170) = 0
+    ("rope_theta", -1e4, "rope_theta must be a positive number, got -10000.0"),
+])
+def test_meta_params_with_a_nonsense_value_is_an_error_naming_the_key(tmp_path, key, value, problem):
+    save_meta(random_model(), tmp_path)
+    edit_json(tmp_path / "params.json", **{key: value})
+    with raises_naming(tmp_path / "params.json", problem):
+        load_model(tmp_path)
+
+
+def test_meta_vocab_size_minus_one_without_an_embedding_is_an_error(tmp_path):
+    save_meta(random_model(), tmp_path)
+    edit_json(tmp_path / "params.json", vocab_size=-1)
+    file = tmp_path / "consolidated.00.pth"
+    tensors = torch.load(file, weights_only=True)
+    del tensors["tok_embeddings.weight"]
+    torch.save(tensors, file)
+    with raises_naming(tmp_path / "params.json", "vocab_size -1 is read off the embedding, but there is no "
+                                                 "2-d tensor 'tok_embeddings.weight'"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("key,value,vtype,problem", [
+    ("llama.attention.head_count", "4", gguf.GGUFValueType.STRING, "llama.attention.head_count must be a positive integer, got '4'"),
+    ("llama.feed_forward_length", 0, gguf.GGUFValueType.UINT32, "llama.feed_forward_length must be a positive integer, got 0"),
+    ("llama.vocab_size", 0, gguf.GGUFValueType.UINT32, "llama.vocab_size must be a positive integer, got 0"),
+    ("llama.rope.freq_base", "1e4", gguf.GGUFValueType.STRING, "llama.rope.freq_base must be a positive number, got '1e4'"),
+    ("llama.attention.layer_norm_rms_epsilon", -1.0, gguf.GGUFValueType.FLOAT32,
+     "llama.attention.layer_norm_rms_epsilon must be a positive number, got -1.0"),
+])
+def test_gguf_metadata_of_the_wrong_type_is_an_error_naming_the_key(tmp_path, key, value, vtype, problem):
+    path = write_gguf(random_model(), tmp_path / "tiny.gguf", metadata={key: (value, vtype)})
+    with raises_naming(path, problem):
+        load_model(path)
 
 
 def test_hf_directory_without_weights_is_an_error(hf_dir):
