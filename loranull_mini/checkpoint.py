@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loranull_mini import assets
+from loranull_mini.files import read_json
 from loranull_mini.tokenizer import Tokenizer
 from model import ModelConfig, Transformer
 
@@ -457,10 +458,14 @@ def _load_pth(path: Path) -> dict:
 
 
 def _read_json(path: Path) -> dict:
+    """The JSON object in a file; a CheckpointError names the file if it is absent, damaged or no object."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON: {type(e).__name__}: {e}") from e
+        obj = read_json(path)
+    except (OSError, ValueError) as e:  # their messages name the file
+        raise CheckpointError(str(e)) from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 # ----------------------------------------------------------------------------- detection, loading

@@ -316,6 +316,31 @@ def test_gguf_metadata_of_the_wrong_type_is_an_error_naming_the_key(tmp_path, ke
         load_model(path)
 
 
+def checkpoint_with(tmp_path, name):
+    """A directory holding `name`: a Meta checkpoint for params.json, else an HF one
+    (sharded for model.safetensors.index.json)."""
+    if name == "params.json":
+        save_meta(random_model(), tmp_path)
+    else:
+        save_hf(random_model(), tmp_path, shard_size=20_000 if name.endswith("index.json") else None)
+    return tmp_path
+
+
+@pytest.mark.parametrize("content,kind", [("[1, 2]", "list"), ('"llama"', "str"), ("7", "int")])
+@pytest.mark.parametrize("name", ["config.json", "params.json", "model.safetensors.index.json"])
+def test_json_file_that_is_not_an_object_is_an_error_naming_it(tmp_path, name, content, kind):
+    (checkpoint_with(tmp_path, name) / name).write_text(content)
+    with raises_naming(tmp_path / name, f"expected a JSON object, got {kind}"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["config.json", "params.json", "model.safetensors.index.json"])
+def test_json_file_that_is_not_text_is_an_error_naming_it(tmp_path, name):
+    (checkpoint_with(tmp_path, name) / name).write_bytes(b"\xff\xfe{\x00")
+    with raises_naming(tmp_path / name, r"as JSON \(damaged\?\)"):
+        load_model(tmp_path)
+
+
 def test_hf_directory_without_weights_is_an_error(hf_dir):
     (hf_dir / "model.safetensors").unlink()
     with raises_naming(hf_dir, "neither model.safetensors nor model.safetensors.index.json"):
