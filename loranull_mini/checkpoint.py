@@ -63,8 +63,8 @@ REQUIRED = object()  # setting()'s default for a key the file must have
 KINDS = {
     "size": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0,
              "a positive integer"),
-    "number": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
-               "a positive number"),
+    "number": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)
+               and math.isfinite(v) and v > 0, "a positive number"),
     "flag": (lambda v: isinstance(v, bool), "true or false"),
     "object": (lambda v: isinstance(v, dict), "a JSON object"),
 }
@@ -198,8 +198,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def convert(tensors: dict, names: dict, config: ModelConfig, path) -> dict:
-    """Rename their tensors to ours; assert every tensor is used and every shape matches."""
+    """Rename their tensors to ours; assert every tensor is used, every shape matches and
+    every weight is floating point."""
     expected = expected_shapes(config)
     state_dict = {}
     for their_name, tensor in tensors.items():
@@ -212,6 +216,10 @@ def convert(tensors: dict, names: dict, config: ModelConfig, path) -> dict:
         if our_name not in expected:
             raise CheckpointError(f"{path}: unexpected tensor {their_name!r} for a config with "
                                   f"{config.n_layers} layers, tie_embeddings={config.tie_embeddings}")
+        if tensor.dtype not in WEIGHT_DTYPES:
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise CheckpointError(f"{path}: tensor {their_name!r} has dtype {dtype}; "
+                                  "weights must be float16, bfloat16, float32 or float64")
         if tuple(tensor.shape) != expected[our_name]:
             raise CheckpointError(f"{path}: shape mismatch for tensor {their_name!r}: expected "
                                   f"{expected[our_name]} from the config, got {tuple(tensor.shape)}")
@@ -324,7 +332,8 @@ def hf_config(path: Path) -> ModelConfig:
     if hf.get("rope_parameters"):
         rope = setting(hf, "rope_parameters", "object", path)
     else:
-        rope = {**setting(hf, "rope_scaling", "object", path, {}), "rope_theta": hf.get("rope_theta", 10000.0)}
+        rope = {**setting(hf, "rope_scaling", "object", path, {}),
+                "rope_theta": hf.get("rope_theta", 10000.0)}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     n_heads = setting(hf, "num_attention_heads", "size", path)
     dim = setting(hf, "hidden_size", "size", path)

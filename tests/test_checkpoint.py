@@ -233,6 +233,38 @@ def test_unexpected_tensor_is_named(hf_dir, name):
         load_model(hf_dir)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])
+def test_hf_weight_that_is_not_floating_point_is_an_error_naming_the_tensor_and_dtype(hf_dir, dtype):
+    file = hf_dir / "model.safetensors"
+    tensors = load_file(file)
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"].to(dtype)
+    save_file(tensors, file)
+    name = str(dtype).removeprefix("torch.")
+    with raises_naming(hf_dir, f"tensor 'model.layers.1.mlp.up_proj.weight' has dtype {name}; "
+                               "weights must be float16, bfloat16, float32 or float64"):
+        load_model(hf_dir)
+
+
+def test_meta_weight_that_is_not_floating_point_is_an_error_naming_the_tensor_and_dtype(tmp_path):
+    save_meta(random_model(), tmp_path)
+    file = tmp_path / "consolidated.00.pth"
+    tensors = torch.load(file, weights_only=True)
+    tensors["layers.0.attention.wq.weight"] = tensors["layers.0.attention.wq.weight"].to(torch.int32)
+    torch.save(tensors, file)
+    with raises_naming(tmp_path, "tensor 'layers.0.attention.wq.weight' has dtype int32; weights must be"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_weights_in_any_floating_point_dtype_are_read(hf_dir, dtype):
+    file = hf_dir / "model.safetensors"
+    save_file({name: t.to(dtype) for name, t in load_file(file).items()}, file)
+    config, state_dict = read_checkpoint(hf_dir)
+    expected = random_model().state_dict()
+    for name, w in state_dict.items():
+        assert w.dtype == dtype and torch.equal(w, expected[name].to(dtype)), name
+
+
 def test_shape_mismatch_names_the_tensor_expected_and_got(hf_dir):
     config = json.loads((hf_dir / "config.json").read_text())
     (hf_dir / "config.json").write_text(json.dumps({**config, "intermediate_size": 130}))
