@@ -27,6 +27,7 @@ import json
 import math
 import numbers
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -459,11 +460,36 @@ def merge_meta_shards(shards: list[dict], dim: int, directory: Path) -> dict:
 
 
 def _load_pth(path: Path) -> dict:
+    """{name: tensor} from a .pth file. weights_only: tensors and plain containers are all it
+    unpickles, never code. The zip format (torch >= 1.6) is memory-mapped; the legacy format,
+    which cannot be, is read into memory."""
     try:
-        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        with open(path, "rb") as f:
+            zip_format = f.read(4) == b"PK\x03\x04"
+        tensors = torch.load(path, weights_only=True, map_location="cpu", mmap=zip_format)
     except Exception as e:  # RuntimeError from the zip reader, UnpicklingError, ...
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if culprit:  # weights_only refused a class or function
+            raise CheckpointError(f"{path}: refused: it holds a pickled {culprit.group(1)}, not only tensors "
+                                  "(unpickling it could run code)") from e
         raise CheckpointError(f"{path}: cannot read PyTorch checkpoint (truncated or corrupted?): "
                               f"{type(e).__name__}: {e}") from e
+    problem = _not_tensors_by_name(tensors)
+    if problem:
+        raise CheckpointError(f"{path}: expected a dict of tensors by name, {problem}")
+    return tensors
+
+
+def _not_tensors_by_name(obj) -> str | None:
+    """What keeps obj from being a {str: Tensor} dict ('got list', ...), or None if nothing."""
+    if not isinstance(obj, dict):
+        return f"got {type(obj).__name__}"
+    for name, value in obj.items():
+        if not isinstance(name, str):
+            return f"got a dict with the key {name!r}"
+        if not isinstance(value, torch.Tensor):
+            return f"got {type(value).__name__} for {name!r}"
+    return None
 
 
 def _read_json(path: Path) -> dict:

@@ -6,6 +6,7 @@ assets are fetched on first use; a failed fetch fails the tests with the AssetEr
 """
 import contextlib
 import json
+import os
 import shutil
 
 import gguf
@@ -385,6 +386,67 @@ def test_truncated_meta_checkpoint_is_an_error_naming_the_file(tmp_path):
     file.write_bytes(file.read_bytes()[:2000])
     with raises_naming(file, "cannot read PyTorch checkpoint .truncated or corrupted"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("content,problem", [
+    ([torch.zeros(3)], "got list"),
+    ("weights", "got str"),
+    ({"tok_embeddings.weight": 5}, "got int for 'tok_embeddings.weight'"),
+    ({0: torch.zeros(3)}, "got a dict with the key 0"),
+], ids=["list", "str", "int-value", "int-key"])
+def test_meta_checkpoint_that_is_not_a_dict_of_tensors_is_an_error(tmp_path, content, problem):
+    save_meta(random_model(), tmp_path)
+    file = tmp_path / "consolidated.00.pth"
+    torch.save(content, file)
+    with raises_naming(file, f"expected a dict of tensors by name, {problem}"):
+        load_model(tmp_path)
+
+
+def test_meta_checkpoint_in_the_legacy_format_gives_the_logits_of_the_zip_format(tmp_path):
+    model = random_model(std=0.5)
+    save_meta(model, tmp_path / "zip")
+    shutil.copytree(tmp_path / "zip", tmp_path / "legacy")
+    tensors = torch.load(tmp_path / "zip" / "consolidated.00.pth", weights_only=True)
+    torch.save(tensors, tmp_path / "legacy" / "consolidated.00.pth", _use_new_zipfile_serialization=False)
+    assert (tmp_path / "legacy" / "consolidated.00.pth").read_bytes()[:2] != b"PK"  # not a zip file
+    from_zip, _ = load_model(tmp_path / "zip")
+    from_legacy, _ = load_model(tmp_path / "legacy")
+    idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(from_legacy(idx)[0], from_zip(idx)[0], atol=0, rtol=0)
+        torch.testing.assert_close(from_legacy(idx)[0], model(idx)[0], atol=0, rtol=0)
+
+
+def test_truncated_legacy_format_meta_checkpoint_is_an_error_naming_the_file(tmp_path):
+    save_meta(random_model(), tmp_path)
+    file = tmp_path / "consolidated.00.pth"
+    torch.save(torch.load(file, weights_only=True), file, _use_new_zipfile_serialization=False)
+    file.write_bytes(file.read_bytes()[:-10])
+    with raises_naming(file, "cannot read PyTorch checkpoint .truncated or corrupted"):
+        load_model(tmp_path)
+
+
+class Payload:
+    """Unpickling this calls os.mkdir(marker): a checkpoint reader must never do it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_meta_checkpoint_carrying_pickled_code_is_refused_without_running_it(tmp_path, zip_format):
+    save_meta(random_model(), tmp_path)
+    file, marker = tmp_path / "consolidated.00.pth", tmp_path / "payload-ran"
+    tensors = torch.load(file, weights_only=True)
+    torch.save({**tensors, "norm.weight": Payload(marker)}, file, _use_new_zipfile_serialization=zip_format)
+    with raises_naming(file, r"refused: it holds a pickled \w+\.mkdir, not only tensors .unpickling it could run code"):
+        load_model(tmp_path)
+    assert not marker.exists()
+    torch.load(file, weights_only=False)  # the payload is live: a full unpickle runs it
+    assert marker.is_dir()
 
 
 def test_unsupported_hf_variant_is_refused(hf_dir):
