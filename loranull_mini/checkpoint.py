@@ -363,17 +363,41 @@ def hf_config(path: Path) -> ModelConfig:
 
 
 def safetensors_files(directory: Path) -> list[Path]:
-    """model.safetensors, or the shards listed in model.safetensors.index.json."""
+    """model.safetensors, or the shards listed in model.safetensors.index.json (all of them
+    checked by shard_path before any is read)."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' in the safetensors index")
-        return [directory / name for name in sorted(set(weight_map.values()))]
+        names = list(dict.fromkeys(weight_map.values()))
+        return sorted(shard_path(name, directory, index) for name in names)
     if (directory / "model.safetensors").exists():
         return [directory / "model.safetensors"]
     raise CheckpointError(f"{directory}: has config.json but neither model.safetensors "
                           "nor model.safetensors.index.json")
+
+
+def shard_path(name, directory: Path, index: Path) -> Path:
+    """directory / name for a shard the index names, if that is a file inside the directory.
+
+    The index is data: a name that is absolute, climbs out with '..' or is a symlink to a
+    file elsewhere is refused unread. One exception, the Hugging Face hub cache, whose
+    <repo>/snapshots/<revision>/ holds links to the repository's own <repo>/blobs/.
+    """
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{index}: weight_map names {name!r}, not a file name")
+    path = directory / name
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{index}: weight_map names {name!r}, a path outside {directory}; refused")
+    target, home = path.resolve(), directory.resolve()
+    hub_blob = home.parent.name == "snapshots" and target.parent == home.parent.parent / "blobs"
+    if not (target.is_relative_to(home) or hub_blob):
+        raise CheckpointError(f"{index}: weight_map names {name!r}, which links to {target}, "
+                              f"outside {directory}; refused")
+    if not path.exists():
+        raise CheckpointError(f"{index}: weight_map names {name!r}, which is missing from {directory}")
+    return path
 
 
 def _load_safetensors(path: Path) -> dict:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loranull_mini import assets
+from loranull_mini import assets, checkpoint
 from loranull_mini.checkpoint import (CheckpointError, is_tiktoken_file, load_model, meta_ffn_params,
                                       meta_hidden_dim, permute_half_to_interleaved,
                                       permute_interleaved_to_half, read_checkpoint, save_hf, save_meta)
@@ -378,6 +378,58 @@ def test_hf_directory_without_weights_is_an_error(hf_dir):
     (hf_dir / "model.safetensors").unlink()
     with raises_naming(hf_dir, "neither model.safetensors nor model.safetensors.index.json"):
         load_model(hf_dir)
+
+
+@pytest.mark.parametrize("how", ["relative", "absolute", "symlink"])
+def test_safetensors_index_naming_a_file_outside_the_directory_is_refused_unread(tmp_path, monkeypatch, how):
+    save_hf(random_model(), tmp_path / "hf")
+    outside = tmp_path / "outside.safetensors"  # valid weights: reading them would succeed
+    (tmp_path / "hf" / "model.safetensors").rename(outside)
+    name = {"relative": "../outside.safetensors", "absolute": str(outside), "symlink": "model.safetensors"}[how]
+    if how == "symlink":
+        (tmp_path / "hf" / name).symlink_to("../outside.safetensors")
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": dict.fromkeys(load_file(outside), name)}))
+    opened = []
+    monkeypatch.setattr(checkpoint, "load_file", lambda path: opened.append(path) or load_file(path))
+    with raises_naming(index, f"weight_map names '{name}', (a path|which links to {outside},) "
+                              f"outside {tmp_path / 'hf'}; refused"):
+        load_model(tmp_path / "hf")
+    assert opened == []
+
+
+def test_safetensors_index_may_name_shards_linked_to_the_blobs_of_a_hugging_face_cache(tmp_path):
+    """The hub cache keeps each file once in <repo>/blobs/ and links <repo>/snapshots/<rev>/ to it."""
+    model = random_model()
+    save_hf(model, tmp_path / "saved", shard_size=20_000)
+    snapshot = tmp_path / "models--tiny" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--tiny" / "blobs").mkdir()
+    for file in (tmp_path / "saved").iterdir():
+        file.rename(tmp_path / "models--tiny" / "blobs" / f"blob-{file.name}")
+        (snapshot / file.name).symlink_to(f"../../blobs/blob-{file.name}")
+    config, state_dict = read_checkpoint(snapshot)
+    for name, w in model.state_dict().items():
+        assert torch.equal(state_dict[name], w), name
+
+
+def test_safetensors_index_naming_a_missing_shard_is_an_error_naming_it(tmp_path):
+    save_hf(random_model(), tmp_path, shard_size=20_000)
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].unlink()
+    with raises_naming(tmp_path / "model.safetensors.index.json",
+                       f"weight_map names '{shards[1].name}', which is missing from {tmp_path}"):
+        load_model(tmp_path)
+
+
+def test_safetensors_index_naming_something_that_is_no_file_name_is_an_error(tmp_path):
+    save_hf(random_model(), tmp_path, shard_size=20_000)
+    index = tmp_path / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    index.write_text(json.dumps({"weight_map": {**weight_map, "model.norm.weight": 5}}))
+    with raises_naming(index, "weight_map names 5, not a file name"):
+        load_model(tmp_path)
 
 
 def test_truncated_meta_checkpoint_is_an_error_naming_the_file(tmp_path):
