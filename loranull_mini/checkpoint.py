@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import math
 import numbers
 import os
@@ -33,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from loranull_mini import assets
-from loranull_mini.files import read_json
+from loranull_mini.files import atomic_write, read_json, write_json
 from loranull_mini.tokenizer import Tokenizer
 from model import ModelConfig, Transformer
 
@@ -636,14 +636,28 @@ def is_tiktoken_file(path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- writers
-def _atomic(path: Path, write) -> None:
-    """Run write(tmp) and rename tmp to path, so a crash never leaves half a file at path."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _write_safetensors(path: Path, tensors: dict) -> None:
+    """tensors as a safetensors file, atomically; an I/O error is the OSError atomic_write names."""
+    def write(tmp):
+        try:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        except SafetensorError as e:  # "... I/O error: Permission denied (os error 13) at path ..."
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
+
+    atomic_write(path, write)
+
+
+def _write_pth(path: Path, tensors: dict) -> None:
+    """tensors as a (zip format) .pth file, atomically; the file is opened here so that a
+    failure is an OSError, not torch's RuntimeError."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(tensors, f)
+
+    atomic_write(path, write)
 
 
 def _our_tensors(model: Transformer) -> dict:
@@ -692,19 +706,19 @@ def save_hf(model: Transformer, directory, *, shard_size: int | None = None) -> 
     tensors = {rename(name, ours_to_hf): tensor for name, tensor in _our_tensors(model).items()}
     index = directory / "model.safetensors.index.json"
     if shard_size is None:
-        _atomic(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        _write_safetensors(directory / "model.safetensors", tensors)
         index.unlink(missing_ok=True)  # a stale index would shadow model.safetensors
     else:
         shards = _pack(tensors, shard_size)
         weight_map = {}
         for i, shard in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic(directory / file, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+            _write_safetensors(directory / file, shard)
             weight_map.update(dict.fromkeys(shard, file))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     dtype = next(iter(tensors.values())).dtype
-    _write_json(directory / "config.json", _hf_config_json(model.config, dtype))
+    write_json(directory / "config.json", _hf_config_json(model.config, dtype), indent=2)
 
 
 def _pack(tensors: dict, shard_size: int) -> list[dict]:
@@ -742,7 +756,7 @@ def save_meta(model: Transformer, directory) -> None:
         elif name.endswith("attention.wk.weight"):
             tensor = permute_half_to_interleaved(tensor, config.n_kv_heads)
         tensors[rename(name, ours_to_meta)] = tensor
-    _atomic(directory / "consolidated.00.pth", lambda tmp: torch.save(tensors, tmp))
+    _write_pth(directory / "consolidated.00.pth", tensors)
     multiple_of, ffn_dim_multiplier = meta_ffn_params(config.dim, config.hidden_dim)
     params = {
         "dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
@@ -751,8 +765,4 @@ def save_meta(model: Transformer, directory) -> None:
         "norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
         "max_seq_len": config.max_seq_len,
     }
-    _write_json(directory / "params.json", params)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    write_json(directory / "params.json", params, indent=2)

@@ -5,9 +5,13 @@ Parity with transformers on HF and Meta checkpoints is in test_model_parity.py. 
 assets are fetched on first use; a failed fetch fails the tests with the AssetError's message.
 """
 import contextlib
+import ctypes
+import functools
 import json
 import os
+import re
 import shutil
+from pathlib import Path
 
 import gguf
 import pytest
@@ -507,6 +511,70 @@ def test_unsupported_hf_variant_is_refused(hf_dir):
     (hf_dir / "config.json").write_text(json.dumps({**config, "rope_parameters": rope, "mlp_bias": True}))
     with raises_naming(hf_dir / "config.json", "unsupported LLaMA variant: rope_type 'llama3', mlp_bias"):
         load_model(hf_dir)
+
+
+# ----------------------------------------------------------------------------- failed writes
+@contextlib.contextmanager
+def without_dac_override():
+    """The calling thread without CAP_DAC_OVERRIDE, the capability that lets root write where
+    permissions forbid it (Linux capget/capset; restored on exit)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3: 2 x 32 bits
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    effective = data[0].effective
+    data[0].effective &= ~(1 << 1)  # CAP_DAC_OVERRIDE = 1
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+    try:
+        yield
+    finally:
+        data[0].effective = effective
+        libc.capset(ctypes.byref(header), data)
+
+
+@contextlib.contextmanager
+def read_only(directory):
+    """directory made read-only (chmod 555); for root, whom permissions do not bind, the
+    thread also gives up CAP_DAC_OVERRIDE meanwhile, so the refusal is the kernel's."""
+    directory.chmod(0o555)
+    try:
+        with without_dac_override() if os.geteuid() == 0 else contextlib.nullcontext():
+            yield
+    finally:
+        directory.chmod(0o755)
+
+
+@pytest.mark.parametrize("save,first_file", [
+    (save_hf, "model.safetensors"),
+    (functools.partial(save_hf, shard_size=20_000), "model-00001-of-*.safetensors"),
+    (save_meta, "consolidated.00.pth"),
+], ids=["hf", "hf-sharded", "meta"])
+def test_save_into_a_read_only_directory_is_an_oserror_naming_the_file_and_changes_nothing(tmp_path, save, first_file):
+    save(random_model(seed=0), tmp_path)
+    before = {file.name: file.read_bytes() for file in tmp_path.iterdir()}
+    first_file = next(tmp_path.glob(first_file))
+    with read_only(tmp_path), pytest.raises(OSError, match=f"cannot write {re.escape(str(first_file))}: "
+                                                           "Permission denied"):
+        save(random_model(seed=1), tmp_path)
+    assert {file.name: file.read_bytes() for file in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("shard_size", [None, 20_000], ids=["single", "sharded"])
+def test_save_hf_writes_config_json_last(tmp_path, monkeypatch, shard_size):
+    written = []  # names in the order their files take their place (atomic_write's rename)
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda tmp, path: written.append(Path(path).name) or real_replace(tmp, path))
+    save_hf(random_model(), tmp_path, shard_size=shard_size)
+    assert written[-1] == "config.json" and len(written) == len(list(tmp_path.iterdir()))
+    assert ("model.safetensors.index.json" in written) == (shard_size is not None)
 
 
 # ----------------------------------------------------------------------------- tokenizers
