@@ -476,10 +476,15 @@ def merge_meta_shards(shards: list[dict], dim: int, directory: Path) -> dict:
     for name, first in shards[0].items():
         parts = [s[name] for s in shards]
         if name == "tok_embeddings.weight":  # LLaMA-2 splits the width, LLaMA-3 the vocabulary
-            cat_dim = 0 if first.shape[1] == dim else 1
+            cat_dim = 0 if first.dim() == 2 and first.shape[1] == dim else 1
         else:
-            cat_dim = META_SHARD_DIM.get(name.split(".")[-2])  # 'wq', 'w2', 'output', 'ffn_norm'..
-        merged[name] = first if cat_dim is None else torch.cat(parts, dim=cat_dim)
+            cat_dim = META_SHARD_DIM.get(name.split(".")[-2] if "." in name else name)  # 'wq', 'output'..
+        try:
+            merged[name] = first if cat_dim is None else torch.cat(parts, dim=cat_dim)
+        except (RuntimeError, IndexError) as e:  # sizes that differ, or too few dimensions
+            shapes = ", ".join(str(tuple(part.shape)) for part in parts)
+            raise CheckpointError(f"{directory}: cannot concatenate the shards of {name!r}: shapes {shapes} "
+                                  f"along dimension {cat_dim}") from e
     return merged
 
 

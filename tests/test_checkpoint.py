@@ -473,6 +473,29 @@ def test_meta_checkpoint_in_the_legacy_format_gives_the_logits_of_the_zip_format
         torch.testing.assert_close(from_legacy(idx)[0], model(idx)[0], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("name,damage", [
+    ("layers.0.attention.wq.weight", lambda w: w[:, :32]),  # columns: no longer the other shard's
+    ("tok_embeddings.weight", lambda w: w[0]),               # 1-d
+], ids=["wq-columns", "embedding-1d"])
+def test_meta_shards_that_do_not_fit_together_are_an_error_naming_the_tensor(tmp_path, name, damage):
+    save_meta(random_model(), tmp_path)
+    tensors = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    torch.save(tensors, tmp_path / "consolidated.01.pth")
+    tensors[name] = damage(tensors[name]).clone()
+    torch.save(tensors, tmp_path / "consolidated.00.pth")
+    with raises_naming(tmp_path, f"cannot concatenate the shards of {name!r}: shapes "):
+        load_model(tmp_path)
+
+
+def test_meta_shards_with_a_tensor_name_without_a_dot_is_an_error_naming_it(tmp_path):
+    save_meta(random_model(), tmp_path)
+    tensors = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    for i in range(2):
+        torch.save({"extra": torch.zeros(3), **tensors}, tmp_path / f"consolidated.0{i}.pth")
+    with raises_naming(tmp_path, "unexpected tensor 'extra' .no LLaMA weight has that name"):
+        load_model(tmp_path)
+
+
 def test_truncated_legacy_format_meta_checkpoint_is_an_error_naming_the_file(tmp_path):
     save_meta(random_model(), tmp_path)
     file = tmp_path / "consolidated.00.pth"
