@@ -600,6 +600,8 @@ def load_tokenizer(path, *, required=False):
         if not candidate.is_file():
             searched.append(f"{candidate} (absent)")
         elif candidate.name == "tokenizer.json":
+            if candidate.with_name("tokenizer_config.json").is_file():  # read with it: a JSON object?
+                _read_json(candidate.with_name("tokenizer_config.json"))
             return _tokenizer_or_error(Tokenizer.from_hf_json, candidate)
         elif is_tiktoken_file(candidate):
             return _tokenizer_or_error(Tokenizer.from_llama3, candidate)
@@ -615,11 +617,16 @@ def _required(tokenizer, required: bool, path, searched: list[str]):
 
 
 def _tokenizer_or_error(build, source) -> Tokenizer:
-    """build(source), with the tokenizer's ValueError (it names the file) as a CheckpointError."""
+    """build(source), with the tokenizer's ValueError (it names the file) as a CheckpointError,
+    and the KeyError, TypeError, ... of a file not structured as expected as one naming it."""
     try:
         return build(source)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        file = source.data.filename if hasattr(source, "fields") else source  # a GGUFReader or a path
+        raise CheckpointError(f"{file}: cannot build a tokenizer from it (damaged?): "
+                              f"{type(e).__name__}: {e}") from e
 
 
 def gguf_tokenizer(reader, *, required=False):

@@ -633,6 +633,33 @@ def test_required_tokenizer_of_a_gguf_without_vocabulary_is_an_error(tmp_path):
         load_model(path, require_tokenizer=True)
 
 
+# byte-level BPE of three tokens: 'a', 'b' and their merge 'ab'
+TINY_BPE = {"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            "decoder": {"type": "ByteLevel"}, "added_tokens": [],
+            "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]}}
+
+
+@pytest.mark.parametrize("spec", [
+    [1, 2],
+    {**TINY_BPE, "added_tokens": [{"id": 5}]},
+    {**TINY_BPE, "model": {**TINY_BPE["model"], "vocab": ["a", "b", "ab"]}},
+    {**TINY_BPE, "model": {**TINY_BPE["model"], "merges": [5]}},
+], ids=["list", "added-token-without-content", "vocab-list", "merge-int"])
+def test_damaged_tokenizer_json_is_a_checkpoint_error_naming_it(hf_dir, spec):
+    (hf_dir / "tokenizer.json").write_text(json.dumps(TINY_BPE))
+    assert load_model(hf_dir)[1].encode("ab") == [2]  # the undamaged file is a tokenizer
+    (hf_dir / "tokenizer.json").write_text(json.dumps(spec))
+    with raises_naming(hf_dir / "tokenizer.json", r"cannot build a tokenizer from it \(damaged\?\)"):
+        load_model(hf_dir)
+
+
+def test_tokenizer_config_json_that_is_not_an_object_is_an_error_naming_it(hf_dir):
+    (hf_dir / "tokenizer.json").write_text(json.dumps(TINY_BPE))
+    (hf_dir / "tokenizer_config.json").write_text("[]")
+    with raises_naming(hf_dir / "tokenizer_config.json", "expected a JSON object, got list"):
+        load_model(hf_dir)
+
+
 @pytest.fixture(scope="module")
 def smollm2_tokenizer_files(tmp_path_factory):
     """SmolLM2's tokenizer.json and tokenizer_config.json, written as plain JSON from the
