@@ -17,7 +17,11 @@ permuted once at load time by `permute_interleaved_to_half` and back when writin
 `load_model` also returns the tokenizer stored with the weights: a GGUF's vocabulary, or
 in a directory tokenizer.json (byte-level BPE) or LLaMA-3's tiktoken tokenizer.model.
 
-Errors are `CheckpointError`s (a ValueError) that name the file and the problem.
+Errors are `CheckpointError`s (a ValueError) that name the file and the problem. Every
+value a reader takes from a config is type-checked first, weights must be floating point,
+.pth files are unpickled with weights_only (tensors only, never code), and a safetensors
+index may only name files inside its directory. The writers go through files.atomic_write:
+a failed write is an OSError naming the file, and the files already there stay as they were.
 """
 from __future__ import annotations
 
