@@ -17,22 +17,30 @@ permuted once at load time by `permute_interleaved_to_half` and back when writin
 `load_model` also returns the tokenizer stored with the weights: a GGUF's vocabulary, or
 in a directory tokenizer.json (byte-level BPE) or LLaMA-3's tiktoken tokenizer.model.
 
-Errors are `CheckpointError`s (a ValueError) that name the file and the problem.
+Errors are `CheckpointError`s (a ValueError) that name the file and the problem. Every
+value a reader takes from a config is type-checked first, weights must be floating point,
+.pth files are unpickled with weights_only (tensors only, never code), and a safetensors
+index may only name files inside its directory. The writers go through files.atomic_write:
+a failed write is an OSError naming the file, and the files already there stay as they were.
 """
 from __future__ import annotations
 
 import base64
 import contextlib
-import json
+import math
+import numbers
 import os
+import pickle
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from loranull_mini import assets
+from loranull_mini.files import atomic_write, read_json, write_json
 from loranull_mini.tokenizer import Tokenizer
 from model import ModelConfig, Transformer
 
@@ -51,7 +59,36 @@ def config_errors(path):
     except KeyError as e:
         raise CheckpointError(f"{path}: lacks the key {e}") from None
     except (ValueError, TypeError) as e:  # e.g. ModelConfig: dim not divisible by n_heads
-        raise CheckpointError(f"{path}: inconsistent config: {e}") from None
+        raise CheckpointError(f"{path}: invalid config: {e}") from None
+
+
+REQUIRED = object()  # setting()'s default for a key the file must have
+
+# kind -> (test, what a value of that kind is)
+KINDS = {
+    "size": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0,
+             "a positive integer"),
+    "number": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)
+               and math.isfinite(v) and v > 0, "a positive number"),
+    "flag": (lambda v: isinstance(v, bool), "true or false"),
+    "object": (lambda v: isinstance(v, dict), "a JSON object"),
+}
+
+
+def checked(value, kind: str, key: str, path):
+    """value if it is of `kind` (KINDS), else a CheckpointError naming the file, the key and the value."""
+    test, what = KINDS[kind]
+    if not test(value):
+        raise CheckpointError(f"{path}: {key} must be {what}, got {value!r}")
+    return value
+
+
+def setting(raw: dict, key: str, kind: str, path, default=REQUIRED):
+    """raw[key] checked to be of `kind`. An absent or null key gives `default`; without one,
+    absent is a KeyError (config_errors: "lacks the key") and null a CheckpointError."""
+    if default is not REQUIRED and raw.get(key) is None:
+        return default
+    return checked(raw[key], kind, key, path)
 
 
 # ----------------------------------------------------------------------------- rotary layout
@@ -166,8 +203,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def convert(tensors: dict, names: dict, config: ModelConfig, path) -> dict:
-    """Rename their tensors to ours; assert every tensor is used and every shape matches."""
+    """Rename their tensors to ours; assert every tensor is used, every shape matches and
+    every weight is floating point."""
     expected = expected_shapes(config)
     state_dict = {}
     for their_name, tensor in tensors.items():
@@ -180,6 +221,10 @@ def convert(tensors: dict, names: dict, config: ModelConfig, path) -> dict:
         if our_name not in expected:
             raise CheckpointError(f"{path}: unexpected tensor {their_name!r} for a config with "
                                   f"{config.n_layers} layers, tie_embeddings={config.tie_embeddings}")
+        if tensor.dtype not in WEIGHT_DTYPES:
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise CheckpointError(f"{path}: tensor {their_name!r} has dtype {dtype}; "
+                                  "weights must be float16, bfloat16, float32 or float64")
         if tuple(tensor.shape) != expected[our_name]:
             raise CheckpointError(f"{path}: shape mismatch for tensor {their_name!r}: expected "
                                   f"{expected[our_name]} from the config, got {tuple(tensor.shape)}")
@@ -222,7 +267,8 @@ def read_gguf(path) -> tuple[ModelConfig, dict]:
     reader = path if isinstance(path, gguf.GGUFReader) else open_gguf(path)
     path = Path(reader.data.filename)  # the file's np.memmap knows its name
 
-    def meta(key, default=None):
+    def meta(key, kind=None, default=None):
+        """The value of a metadata key, checked to be of `kind` (KINDS) when one is given."""
         field = reader.fields.get(key)
         if field is None:
             if default is None:
@@ -230,25 +276,26 @@ def read_gguf(path) -> tuple[ModelConfig, dict]:
             return default
         value = field.contents()
         # float32 metadata (eps, theta) back to its decimal value: 9.99999975e-06 -> 1e-05
-        return float(str(np.float32(value))) if isinstance(value, float) else value
+        value = float(str(np.float32(value))) if isinstance(value, float) else value
+        return value if kind is None else checked(value, kind, key, path)
 
     arch = meta("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
     names = {t.name for t in reader.tensors}
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    n_heads = meta("llama.attention.head_count")
+    n_heads = meta("llama.attention.head_count", "size")
     with config_errors(path):
         config = ModelConfig(
-            dim=meta("llama.embedding_length"),
-            n_layers=meta("llama.block_count"),
+            dim=meta("llama.embedding_length", "size"),
+            n_layers=meta("llama.block_count", "size"),
             n_heads=n_heads,
-            n_kv_heads=meta("llama.attention.head_count_kv", n_heads),
-            vocab_size=len(tokens.data) if tokens is not None else meta("llama.vocab_size"),
-            hidden_dim=meta("llama.feed_forward_length"),
-            norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
-            rope_theta=meta("llama.rope.freq_base", 10000.0),
-            max_seq_len=meta("llama.context_length"),
+            n_kv_heads=meta("llama.attention.head_count_kv", "size", n_heads),
+            vocab_size=len(tokens.data) if tokens is not None else meta("llama.vocab_size", "size"),
+            hidden_dim=meta("llama.feed_forward_length", "size"),
+            norm_eps=meta("llama.attention.layer_norm_rms_epsilon", "number"),
+            rope_theta=meta("llama.rope.freq_base", "number", 10000.0),
+            max_seq_len=meta("llama.context_length", "size"),
             tie_embeddings="output.weight" not in names,
         )
     try:
@@ -287,10 +334,14 @@ def hf_config(path: Path) -> ModelConfig:
     if hf.get("model_type") != "llama":
         raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not supported (only 'llama')")
     # transformers 5: rope_parameters = {rope_type, rope_theta}; 4: rope_theta + rope_scaling
-    rope = hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}),
-                                         "rope_theta": hf.get("rope_theta", 10000.0)}
+    if hf.get("rope_parameters"):
+        rope = setting(hf, "rope_parameters", "object", path)
+    else:
+        rope = {**setting(hf, "rope_scaling", "object", path, {}),
+                "rope_theta": hf.get("rope_theta", 10000.0)}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    n_heads, dim = hf["num_attention_heads"], hf["hidden_size"]
+    n_heads = setting(hf, "num_attention_heads", "size", path)
+    dim = setting(hf, "hidden_size", "size", path)
     unsupported = [what for what, bad in [
         (f"rope_type {rope_type!r}", rope_type != "default"),
         (f"hidden_act {hf.get('hidden_act')!r}", hf.get("hidden_act", "silu") != "silu"),
@@ -303,30 +354,54 @@ def hf_config(path: Path) -> ModelConfig:
         raise CheckpointError(f"{path}: unsupported LLaMA variant: {', '.join(unsupported)}")
     return ModelConfig(
         dim=dim,
-        n_layers=hf["num_hidden_layers"],
+        n_layers=setting(hf, "num_hidden_layers", "size", path),
         n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        vocab_size=hf["vocab_size"],
-        hidden_dim=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope["rope_theta"]),
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        tie_embeddings=hf.get("tie_word_embeddings", False),
+        n_kv_heads=setting(hf, "num_key_value_heads", "size", path, n_heads),
+        vocab_size=setting(hf, "vocab_size", "size", path),
+        hidden_dim=setting(hf, "intermediate_size", "size", path),
+        norm_eps=setting(hf, "rms_norm_eps", "number", path, 1e-6),
+        rope_theta=float(setting(rope, "rope_theta", "number", path)),
+        max_seq_len=setting(hf, "max_position_embeddings", "size", path, 2048),
+        tie_embeddings=setting(hf, "tie_word_embeddings", "flag", path, False),
     )
 
 
 def safetensors_files(directory: Path) -> list[Path]:
-    """model.safetensors, or the shards listed in model.safetensors.index.json."""
+    """model.safetensors, or the shards listed in model.safetensors.index.json (all of them
+    checked by shard_path before any is read)."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' in the safetensors index")
-        return [directory / name for name in sorted(set(weight_map.values()))]
+        names = list(dict.fromkeys(weight_map.values()))
+        return sorted(shard_path(name, directory, index) for name in names)
     if (directory / "model.safetensors").exists():
         return [directory / "model.safetensors"]
     raise CheckpointError(f"{directory}: has config.json but neither model.safetensors "
                           "nor model.safetensors.index.json")
+
+
+def shard_path(name, directory: Path, index: Path) -> Path:
+    """directory / name for a shard the index names, if that is a file inside the directory.
+
+    The index is data: a name that is absolute, climbs out with '..' or is a symlink to a
+    file elsewhere is refused unread. One exception, the Hugging Face hub cache, whose
+    <repo>/snapshots/<revision>/ holds links to the repository's own <repo>/blobs/.
+    """
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{index}: weight_map names {name!r}, not a file name")
+    path = directory / name
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{index}: weight_map names {name!r}, a path outside {directory}; refused")
+    target, home = path.resolve(), directory.resolve()
+    hub_blob = home.parent.name == "snapshots" and target.parent == home.parent.parent / "blobs"
+    if not (target.is_relative_to(home) or hub_blob):
+        raise CheckpointError(f"{index}: weight_map names {name!r}, which links to {target}, "
+                              f"outside {directory}; refused")
+    if not path.exists():
+        raise CheckpointError(f"{index}: weight_map names {name!r}, which is missing from {directory}")
+    return path
 
 
 def _load_safetensors(path: Path) -> dict:
@@ -370,20 +445,27 @@ def meta_config(params: dict, tensors: dict, path: Path) -> ModelConfig:
     """ModelConfig from params.json (vocab_size -1, as in LLaMA-2, is read off the embedding)."""
     if params.get("use_scaled_rope"):
         raise CheckpointError(f"{path}: use_scaled_rope (LLaMA-3.1 rope scaling) is not supported")
-    vocab_size = params.get("vocab_size", -1)
-    if vocab_size <= 0 and "tok_embeddings.weight" in tensors:
-        vocab_size = tensors["tok_embeddings.weight"].shape[0]
-    dim = params["dim"]
+    if params.get("vocab_size", -1) == -1:  # LLaMA-2: as many as the tokenizer, the embedding's rows
+        embedding = tensors.get("tok_embeddings.weight")
+        if embedding is None or embedding.dim() != 2:
+            raise CheckpointError(f"{path}: vocab_size -1 is read off the embedding, but there is no "
+                                  "2-d tensor 'tok_embeddings.weight'")
+        vocab_size = embedding.shape[0]
+    else:
+        vocab_size = setting(params, "vocab_size", "size", path)
+    dim, n_heads = setting(params, "dim", "size", path), setting(params, "n_heads", "size", path)
+    hidden_dim = meta_hidden_dim(dim, setting(params, "multiple_of", "size", path, 256),
+                                 setting(params, "ffn_dim_multiplier", "number", path, None))
     return ModelConfig(
         dim=dim,
-        n_layers=params["n_layers"],
-        n_heads=params["n_heads"],
-        n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+        n_layers=setting(params, "n_layers", "size", path),
+        n_heads=n_heads,
+        n_kv_heads=setting(params, "n_kv_heads", "size", path, n_heads),
         vocab_size=vocab_size,
-        hidden_dim=meta_hidden_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
-        norm_eps=params.get("norm_eps", 1e-5),
-        rope_theta=float(params.get("rope_theta", 10000.0)),
-        max_seq_len=params.get("max_seq_len", 4096),
+        hidden_dim=hidden_dim,
+        norm_eps=setting(params, "norm_eps", "number", path, 1e-5),
+        rope_theta=float(setting(params, "rope_theta", "number", path, 10000.0)),
+        max_seq_len=setting(params, "max_seq_len", "size", path, 4096),
         tie_embeddings="output.weight" not in tensors,
     )
 
@@ -398,26 +480,60 @@ def merge_meta_shards(shards: list[dict], dim: int, directory: Path) -> dict:
     for name, first in shards[0].items():
         parts = [s[name] for s in shards]
         if name == "tok_embeddings.weight":  # LLaMA-2 splits the width, LLaMA-3 the vocabulary
-            cat_dim = 0 if first.shape[1] == dim else 1
+            cat_dim = 0 if first.dim() == 2 and first.shape[1] == dim else 1
         else:
-            cat_dim = META_SHARD_DIM.get(name.split(".")[-2])  # 'wq', 'w2', 'output', 'ffn_norm'..
-        merged[name] = first if cat_dim is None else torch.cat(parts, dim=cat_dim)
+            cat_dim = META_SHARD_DIM.get(name.split(".")[-2] if "." in name else name)  # 'wq', 'output'..
+        try:
+            merged[name] = first if cat_dim is None else torch.cat(parts, dim=cat_dim)
+        except (RuntimeError, IndexError) as e:  # sizes that differ, or too few dimensions
+            shapes = ", ".join(str(tuple(part.shape)) for part in parts)
+            raise CheckpointError(f"{directory}: cannot concatenate the shards of {name!r}: shapes {shapes} "
+                                  f"along dimension {cat_dim}") from e
     return merged
 
 
 def _load_pth(path: Path) -> dict:
+    """{name: tensor} from a .pth file. weights_only: tensors and plain containers are all it
+    unpickles, never code. The zip format (torch >= 1.6) is memory-mapped; the legacy format,
+    which cannot be, is read into memory."""
     try:
-        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        with open(path, "rb") as f:
+            zip_format = f.read(4) == b"PK\x03\x04"
+        tensors = torch.load(path, weights_only=True, map_location="cpu", mmap=zip_format)
     except Exception as e:  # RuntimeError from the zip reader, UnpicklingError, ...
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if culprit:  # weights_only refused a class or function
+            raise CheckpointError(f"{path}: refused: it holds a pickled {culprit.group(1)}, not only tensors "
+                                  "(unpickling it could run code)") from e
         raise CheckpointError(f"{path}: cannot read PyTorch checkpoint (truncated or corrupted?): "
                               f"{type(e).__name__}: {e}") from e
+    problem = _not_tensors_by_name(tensors)
+    if problem:
+        raise CheckpointError(f"{path}: expected a dict of tensors by name, {problem}")
+    return tensors
+
+
+def _not_tensors_by_name(obj) -> str | None:
+    """What keeps obj from being a {str: Tensor} dict ('got list', ...), or None if nothing."""
+    if not isinstance(obj, dict):
+        return f"got {type(obj).__name__}"
+    for name, value in obj.items():
+        if not isinstance(name, str):
+            return f"got a dict with the key {name!r}"
+        if not isinstance(value, torch.Tensor):
+            return f"got {type(value).__name__} for {name!r}"
+    return None
 
 
 def _read_json(path: Path) -> dict:
+    """The JSON object in a file; a CheckpointError names the file if it is absent, damaged or no object."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON: {type(e).__name__}: {e}") from e
+        obj = read_json(path)
+    except (OSError, ValueError) as e:  # their messages name the file
+        raise CheckpointError(str(e)) from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 # ----------------------------------------------------------------------------- detection, loading
@@ -488,6 +604,8 @@ def load_tokenizer(path, *, required=False):
         if not candidate.is_file():
             searched.append(f"{candidate} (absent)")
         elif candidate.name == "tokenizer.json":
+            if candidate.with_name("tokenizer_config.json").is_file():  # read with it: a JSON object?
+                _read_json(candidate.with_name("tokenizer_config.json"))
             return _tokenizer_or_error(Tokenizer.from_hf_json, candidate)
         elif is_tiktoken_file(candidate):
             return _tokenizer_or_error(Tokenizer.from_llama3, candidate)
@@ -503,11 +621,16 @@ def _required(tokenizer, required: bool, path, searched: list[str]):
 
 
 def _tokenizer_or_error(build, source) -> Tokenizer:
-    """build(source), with the tokenizer's ValueError (it names the file) as a CheckpointError."""
+    """build(source), with the tokenizer's ValueError (it names the file) as a CheckpointError,
+    and the KeyError, TypeError, ... of a file not structured as expected as one naming it."""
     try:
         return build(source)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        file = source.data.filename if hasattr(source, "fields") else source  # a GGUFReader or a path
+        raise CheckpointError(f"{file}: cannot build a tokenizer from it (damaged?): "
+                              f"{type(e).__name__}: {e}") from e
 
 
 def gguf_tokenizer(reader, *, required=False):
@@ -529,14 +652,28 @@ def is_tiktoken_file(path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- writers
-def _atomic(path: Path, write) -> None:
-    """Run write(tmp) and rename tmp to path, so a crash never leaves half a file at path."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _write_safetensors(path: Path, tensors: dict) -> None:
+    """tensors as a safetensors file, atomically; an I/O error is the OSError atomic_write names."""
+    def write(tmp):
+        try:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        except SafetensorError as e:  # "... I/O error: Permission denied (os error 13) at path ..."
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
+
+    atomic_write(path, write)
+
+
+def _write_pth(path: Path, tensors: dict) -> None:
+    """tensors as a (zip format) .pth file, atomically; the file is opened here so that a
+    failure is an OSError, not torch's RuntimeError."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(tensors, f)
+
+    atomic_write(path, write)
 
 
 def _our_tensors(model: Transformer) -> dict:
@@ -585,19 +722,19 @@ def save_hf(model: Transformer, directory, *, shard_size: int | None = None) -> 
     tensors = {rename(name, ours_to_hf): tensor for name, tensor in _our_tensors(model).items()}
     index = directory / "model.safetensors.index.json"
     if shard_size is None:
-        _atomic(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        _write_safetensors(directory / "model.safetensors", tensors)
         index.unlink(missing_ok=True)  # a stale index would shadow model.safetensors
     else:
         shards = _pack(tensors, shard_size)
         weight_map = {}
         for i, shard in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic(directory / file, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+            _write_safetensors(directory / file, shard)
             weight_map.update(dict.fromkeys(shard, file))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(index, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     dtype = next(iter(tensors.values())).dtype
-    _write_json(directory / "config.json", _hf_config_json(model.config, dtype))
+    write_json(directory / "config.json", _hf_config_json(model.config, dtype), indent=2)
 
 
 def _pack(tensors: dict, shard_size: int) -> list[dict]:
@@ -635,7 +772,7 @@ def save_meta(model: Transformer, directory) -> None:
         elif name.endswith("attention.wk.weight"):
             tensor = permute_half_to_interleaved(tensor, config.n_kv_heads)
         tensors[rename(name, ours_to_meta)] = tensor
-    _atomic(directory / "consolidated.00.pth", lambda tmp: torch.save(tensors, tmp))
+    _write_pth(directory / "consolidated.00.pth", tensors)
     multiple_of, ffn_dim_multiplier = meta_ffn_params(config.dim, config.hidden_dim)
     params = {
         "dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
@@ -644,8 +781,4 @@ def save_meta(model: Transformer, directory) -> None:
         "norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
         "max_seq_len": config.max_seq_len,
     }
-    _write_json(directory / "params.json", params)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    write_json(directory / "params.json", params, indent=2)
