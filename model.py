@@ -233,12 +233,16 @@ class Transformer(nn.Module):
         """Parameter count with tied embeddings counted once."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
-    def forward(self, idx, targets=None, loss_mask=None, *, pad_mask=None, cache: KVCache | None = None):
+    def forward(self, idx, targets=None, loss_mask=None, *, pad_mask=None, cache: KVCache | None = None,
+                logits_at=None):
         """idx (B, T) token ids -> (logits (B, T, V) float32, mean loss or None).
 
         pad_mask (B, T) bool, True at real tokens: padded positions are never attended to and
         do not advance the rotary position (left padding for batched generation).
         cache: a KVCache; idx then holds the tokens that follow those already cached.
+        logits_at (B, T) bool: project to the vocabulary only at these positions and return
+        their logits (N, V), in row-major order (no loss): on a large vocabulary the output
+        layer is a fifth of the work, wasted at positions no loss reads.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -252,7 +256,10 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
-        logits = self.output(self.norm(h)).float()                            # (B, T, V)
+        h = self.norm(h)
+        if logits_at is not None:
+            return self.output(h[logits_at]).float(), None                     # (N, V)
+        logits = self.output(h).float()                                        # (B, T, V)
 
         loss = None
         if targets is not None:

@@ -114,3 +114,39 @@ def test_both_branches_give_the_same_padded_logits_and_cached_generation():
         results[repeat] = (logits[pad], generate(model, [[5, 6, 7], [8, 9]], 6))
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
     assert results[True][1] == results[False][1]
+
+
+# ----------------------------------------------------------------------------- loss positions
+def test_logits_at_the_loss_positions_give_the_full_paths_loss_and_gradients():
+    """Training projects to the vocabulary only where the loss reads (the answer tokens)."""
+    import nullspace
+    from loranull_mini.data import Example, collate
+    from model import masked_nll
+
+    def loss_and_grads(selected: bool):
+        model = random_model(std=0.1)
+        layers = nullspace.inject_adapters(model, r=4, alpha=8, init="pissa")
+        with torch.no_grad():
+            for layer in layers.values():
+                layer.B.add_(0.01)                        # B = B0 + 0.01: gradients reach A too
+        g = torch.Generator().manual_seed(3)
+        rows = [Example(torch.randint(1, 97, (n,), generator=g).tolist(), p) for n, p in ((12, 5), (9, 3), (15, 10))]
+        b = collate(rows, pad_id=0)
+        if selected:
+            scored = (b["loss_mask"] > 0) & (b["targets"] != -100)
+            logits, _ = model(b["idx"], pad_mask=b["pad_mask"], logits_at=scored)
+            assert logits.shape == (int(scored.sum()), 97)
+            total, count = masked_nll(logits[None], b["targets"][scored][None])
+        else:
+            logits, _ = model(b["idx"], pad_mask=b["pad_mask"])
+            total, count = masked_nll(logits, b["targets"], b["loss_mask"])
+        (total / count).backward()
+        return float(total / count), {n: (l.A.grad.clone(), l.B.grad.clone()) for n, l in layers.items()}
+
+    full_loss, full_grads = loss_and_grads(False)
+    loss, grads = loss_and_grads(True)
+    assert loss == pytest.approx(full_loss, rel=1e-6)
+    for name, (dA, dB) in full_grads.items():
+        assert dA.abs().max() > 0 and dB.abs().max() > 0
+        torch.testing.assert_close(grads[name][0], dA, rtol=0, atol=1e-6)
+        torch.testing.assert_close(grads[name][1], dB, rtol=0, atol=1e-6)
