@@ -53,6 +53,9 @@ class TrainConfig:
     v2: bool = field(default=False, metadata={"help": "LoRA-Null v2: the same as --init null --freeze-a"})
     preset: str = field(default="real", metadata={"help": "real: SmolLM2 + NQ-open/ASDiv; toy: the toy world",
                                                   "choices": ["real", "toy"]})
+    toy_overlap: str = field(default="random", metadata={"help": "toy world: the eigenspace of the calibration "
+                                                         "covariance the new skill's inputs point into",
+                                                         "choices": ["top", "random", "bottom"]})
     model: str = field(default="", metadata={"help": "checkpoint: .gguf file, HF or Meta directory "
                                                      "(default: SmolLM2-135M-Instruct, fetched on first use)"})
     rank: int = field(default=8, metadata={"help": "LoRA rank r"})
@@ -174,12 +177,13 @@ def main(argv=None) -> dict:
 
 def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, covariances, device, autocast_dtype, *,
              out: Path | None = None, resumed: dict | None = None, proc: int = 0, world: int = 1,
-             log=print, evaluate=None) -> dict:
+             log=print, evaluate=None, progress: bool = True) -> dict:
     """The training loop: cfg.steps AdamW steps on data.train.
 
     Returns {"metrics": one row per step, "start": the evaluation at step 0}.
     Every eval_every steps (and at the end): the held-out task loss, the knowledge
-    disturbance, and evaluate(model)'s numbers when given. Every ckpt_every steps a
+    disturbance, and evaluate(model)'s numbers when given (a study's measurements; progress=False
+    hides the progress bar). Every ckpt_every steps a
     checkpoint goes to `out` (None: no files). The run stops, keeping the last good
     checkpoint, when the loss or the weights stop being finite or the held-out loss stays
     above where it started.
@@ -204,7 +208,8 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
     watch = DivergenceWatch(first["heldout_loss"])
 
     from tqdm import tqdm
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=proc != 0, dynamic_ncols=True)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=proc != 0 or not progress,
+               dynamic_ncols=True)
     model.train()
     tokens_seen, t_train = 0, time.time()
     for step in bar:
@@ -226,9 +231,10 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
             b = {k: v.to(device) for k, v in b.items()}
             last = i == len(batches) - 1
             with ddp_model.no_sync() if (world > 1 and not last) else contextlib.nullcontext():
+                scored = (b["loss_mask"] > 0) & (b["targets"] != -100)  # the answer tokens: logits only there
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits, _ = ddp_model(b["idx"], pad_mask=b["pad_mask"])
-                total, _ = masked_nll(logits, b["targets"], b["loss_mask"])
+                    logits, _ = ddp_model(b["idx"], pad_mask=b["pad_mask"], logits_at=scored)  # (N, V)
+                total, _ = masked_nll(logits[None], b["targets"][scored][None])
                 loss = total / n_tokens.to(device)          # this micro-batch's share of the global mean
                 (loss * world).backward()                    # DDP averages gradients over processes
             step_loss += loss.detach().cpu()
@@ -252,7 +258,7 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             row.update(evaluation(model, data.heldout[:cfg.eval_examples], pad_id, cfg, device, autocast_dtype,
                                   layers, covariances, energies, evaluate))
-            if proc == 0:
+            if proc == 0 and progress:
                 bar.write(f"step {step + 1}: held-out loss {row['heldout_loss']:.4f}, "
                           f"knowledge disturbance {row['disturbance']:.4f}")
             if watch.diverged(row["heldout_loss"]):
@@ -425,13 +431,13 @@ class Data:
 
 def load_model_and_data(cfg: TrainConfig, log=print):
     """(model, tokenizer, Data) for the preset."""
-    if cfg.preset == "toy":
+    if cfg.preset == "toy":  # the seed picks the world too
         from loranull_mini import toy
-        model, tok = toy.load_toy_model(log=log)
-        train = [datasets.encode_qa(tok, r["question"], r["answer"]) for r in toy.skill_task("train")]
-        test = [datasets.encode_qa(tok, r["question"], r["answer"]) for r in toy.skill_task("test")]
+        model, tok = toy.load_toy_model(cfg.seed, cfg.toy_overlap, log=log)
+        train = [datasets.encode_qa(tok, r["question"], r["answer"]) for r in toy.skill_task("train", seed=cfg.seed)]
+        test = [datasets.encode_qa(tok, r["question"], r["answer"]) for r in toy.skill_task("test", seed=cfg.seed)]
         calib = datasets.collate([datasets.encode_qa(tok, f["question"], f["answer"])
-                                  for f in toy.calibration_facts()], tok.pad_id)
+                                  for f in toy.calibration_facts(cfg.seed)], tok.pad_id)
         return model, tok, Data(train, test, calib["idx"], calib["pad_mask"])
     from loranull_mini.checkpoint import load_model
     model, tok = load_model(cfg.model or None, require_tokenizer=True)

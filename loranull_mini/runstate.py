@@ -21,7 +21,7 @@ from loranull_mini.files import atomic_write, read_json, tensors_sha256, write_j
 CHECKPOINT, METRICS, RUN = "checkpoint.pt", "metrics.jsonl", "run.json"
 
 # Settings a resumed run must share with its checkpoint (the rest, e.g. --steps, may change).
-RESUME_MUST_MATCH = ("init", "freeze_a", "preset", "model", "rank", "alpha", "targets", "dropout", "data", "max_len",
+RESUME_MUST_MATCH = ("init", "freeze_a", "preset", "toy_overlap", "model", "rank", "alpha", "targets", "dropout", "data", "max_len",
                      "calib_source", "calib_samples", "calib_len", "batch_size", "grad_accum", "seed",
                      "weight_decay")
 
