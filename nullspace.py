@@ -1,29 +1,20 @@
 """The null space of the activations: covariances, LoRA-Null, CorDA, the init table, diagnostics.
 
-LoRA-Null (Tang et al. 2025, "Put the Space of LoRA Initialization to the Extreme to
-Preserve Pre-trained Knowledge") starts the adapter of every linear layer y = x @ W.T in
-the directions that the layer's inputs never use. Read this file top to bottom:
-
-1. Calibration. Run the model on text that stands for pre-trained knowledge and collect,
-   with a forward hook, each adapted layer's input covariance (uncentred Gram matrix)
-   C = X.T @ X / N, X (N, n) being all calibration tokens stacked.
-2. The null basis: the eigenvectors of C with the r smallest eigenvalues span the
-   directions u where X @ u ~ 0, the (approximate) null space of the activations.
-3. LoRA-Null: project W onto that basis, W_null = W @ U @ U.T, and factor it into the
-   adapter: s * B @ A = W_null, W_res = W - W_null. At initialisation the output is
-   unchanged, and A @ x ~ 0 on knowledge-like inputs x, so training B with A frozen
-   ("v2") cannot disturb them.
-4. CorDA (Yang et al. 2024), knowledge-preserved mode: the smallest components of W @ C.
-5. The controls that separate LoRA-Null's three ingredients (A frozen, where A points,
-   weight moved into the adapter), and the one table of inits: every method is a function
-   (W, C, r, alpha) -> (A, B, W_res), C ignored where unused.
-6. Diagnostics: effective rank, the calibration energy A reads, the knowledge disturbance.
-
-Conventions (as in lora.py): W (m, n) = (out, in); the adapter adds s * (x @ A.T) @ B.T
-with A (r, n), B (m, r), s = alpha / r; every init returns (A, B, W_res) with
-W_res + s * B @ A == W, A and B in float32, W_res in W's dtype. The hook of step 1 is the
-only code here that touches a model; block-by-block calibration for large models, with
-its memory tricks, is in loranull_mini/calibration.py (tested equal to this hook).
+LoRA-Null (Tang et al. 2025) starts the adapter of every linear layer y = x @ W.T in the
+directions its inputs never use. Read top to bottom:
+1. calibration: a forward hook collects each layer's input covariance C = X.T @ X / N
+   (uncentred), X (N, n) being all calibration tokens stacked;
+2. the null basis: the eigenvectors of C with the r smallest eigenvalues, the directions
+   u with X @ u ~ 0;
+3. LoRA-Null: the adapter takes W_null = W @ U @ U.T, so A @ x ~ 0 on knowledge-like x, and
+   training B with A frozen ("v2") cannot disturb those inputs;
+4. CorDA (Yang et al. 2024), knowledge-preserved mode: the smallest components of W @ C;
+5. the controls for LoRA-Null's three ingredients (A frozen, where A points, weight moved
+   into the adapter) and the one table of inits, each (W, C, r, alpha) -> (A, B, W_res);
+6. diagnostics: effective rank, the calibration energy A reads, the knowledge disturbance.
+Conventions as in lora.py: W (m, n); the adapter adds s * (x @ A.T) @ B.T, A (r, n),
+B (m, r), s = alpha / r; W_res + s * B @ A == W. Block-by-block calibration for large
+models is in loranull_mini/calibration.py (tested equal to the hook here).
 """
 import math
 import warnings
@@ -39,38 +30,17 @@ from model import PROJECTIONS
 
 ALL_TARGETS = tuple(PROJECTIONS)  # ("q", "k", "v", "o", "gate", "up", "down")
 
-# What each projection reads inside a LLaMA block: q, k, v share the attention_norm output,
-# gate and up the ffn_norm output, so one covariance serves each group (4 per block, not 7).
-SHARED_INPUT = {"q": "attention_norm", "k": "attention_norm", "v": "attention_norm", "o": "attention_output",
-                "gate": "ffn_norm", "up": "ffn_norm", "down": "swiglu_output"}
-
-
-def input_groups(model: nn.Module, targets=ALL_TARGETS, blocks=None) -> dict[str, list[str]]:
-    """{hooked layer: the target layers that read its input}, for every block (or `blocks`).
-
-    E.g. block 3 with all targets: {"layers.3.attention.wq": [wq, wk, wv], "...wo": [wo],
-    "...w_gate": [w_gate, w_up], "...w_down": [w_down]}. The first layer of a group is hooked.
-    """
-    unknown = [t for t in targets if t not in PROJECTIONS]
-    if unknown or not targets:
-        raise ValueError(f"unknown LoRA targets {unknown}; choose from {list(PROJECTIONS)}")
-    groups = {}
-    for i in range(len(model.layers)) if blocks is None else blocks:
-        hooked = {}  # shared input -> the layer hooked for it
-        for t in dict.fromkeys(targets):
-            name = f"layers.{i}.{PROJECTIONS[t]}"
-            groups.setdefault(hooked.setdefault(SHARED_INPUT[t], name), []).append(name)
-    return groups
-
 
 @torch.no_grad()
 def collect_covariances(model: nn.Module, batches, targets=ALL_TARGETS) -> dict[str, Tensor]:
     """{layer name: C = X.T @ X / N (n, n) float64} over the real tokens of `batches`.
 
     batches: `idx` (B, T) tensors or `(idx, pad_mask)` pairs, pad_mask True at real tokens.
-    Layers that read the same input get the same tensor object.
     """
-    groups = input_groups(model, targets)
+    unknown = [t for t in targets if t not in PROJECTIONS]
+    if unknown or not targets:
+        raise ValueError(f"unknown LoRA targets {unknown}; choose from {list(PROJECTIONS)}")
+    names = [f"layers.{i}.{PROJECTIONS[t]}" for i in range(len(model.layers)) for t in dict.fromkeys(targets)]
     sums, counts, keep = {}, {}, None
 
     def hook(name):
@@ -83,7 +53,7 @@ def collect_covariances(model: nn.Module, batches, targets=ALL_TARGETS) -> dict[
             counts[name] = counts.get(name, 0) + len(x)
         return record
 
-    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in groups]
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
     was_training = model.training
     try:
         model.eval()
@@ -96,27 +66,20 @@ def collect_covariances(model: nn.Module, batches, targets=ALL_TARGETS) -> dict[
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return covariances_from_sums(groups, sums, counts)
+    return {name: covariance(sums.get(name), counts.get(name, 0), name) for name in names}
 
 
-def covariances_from_sums(groups: dict, sums: dict, counts: dict) -> dict[str, Tensor]:
-    """C = (S + S.T) / (2 N) per hooked layer, shared by its group; clear errors and warnings."""
-    covariances = {}
-    for hooked, sharing in groups.items():
-        N = int(counts.get(hooked, 0))
-        if N == 0:
-            raise ValueError(f"no calibration tokens reached {hooked}")
-        S = sums[hooked]
-        if not torch.isfinite(S.diagonal()).all():  # the diagonal sums x_i^2: NaN/Inf anywhere shows
-            raise ValueError(f"NaN/Inf in the calibration activations entering {hooked}")
-        if N < S.shape[0]:
-            warnings.warn(f"{' / '.join(sharing)}: only N={N} calibration tokens for n={S.shape[0]} input "
-                          f"features; the covariance is rank-deficient, so the null basis is an arbitrary "
-                          f"choice among {S.shape[0] - N} or more zero eigenvalues", stacklevel=3)
-        C = (S + S.T) / (2 * N)                     # symmetric up to rounding before; exactly after
-        for name in sharing:
-            covariances[name] = C
-    return covariances
+def covariance(S: Tensor, N: int, name: str) -> Tensor:
+    """C = (S + S.T) / (2 N) from the sum S of x x^T over N tokens: exactly symmetric."""
+    if not N:
+        raise ValueError(f"no calibration tokens reached {name}")
+    if not torch.isfinite(S.diagonal()).all():  # the diagonal sums x_i^2: NaN/Inf anywhere shows here
+        raise ValueError(f"NaN/Inf in the calibration activations entering {name}")
+    if N < S.shape[0]:
+        warnings.warn(f"{name}: only N={N} calibration tokens for n={S.shape[0]} input features; the covariance "
+                      f"is rank-deficient, so the null basis is an arbitrary choice among {S.shape[0] - N} or "
+                      f"more zero eigenvalues", stacklevel=3)
+    return (S + S.T) / (2 * N)
 
 
 # -----------------------------------------------------------------------------
@@ -275,12 +238,11 @@ def check_init_inputs(W: Tensor, C: Tensor, r: int, alpha: float):
     """Clear errors for the inputs of the covariance-based inits."""
     if W.ndim != 2:
         raise ValueError(f"W must be a matrix (out, in), got shape {tuple(W.shape)}")
-    m, n = W.shape
-    if tuple(C.shape) != (n, n):
-        raise ValueError(f"covariance shape {tuple(C.shape)} does not match W {m}x{n}: "
-                         f"expected ({n}, {n}) for the layer's input dimension n={n}")
-    if not 1 <= r <= min(m, n):
-        raise ValueError(f"rank r={r} must satisfy 1 <= r <= min(m, n) = {min(m, n)}")
+    if tuple(C.shape) != (W.shape[1], W.shape[1]):
+        raise ValueError(f"covariance shape {tuple(C.shape)} does not match W {W.shape[0]}x{W.shape[1]}: "
+                         f"expected ({W.shape[1]}, {W.shape[1]}) for the layer's input dimension")
+    if not 1 <= r <= min(W.shape):
+        raise ValueError(f"rank r={r} must satisfy 1 <= r <= min(m, n) = {min(W.shape)}")
     if not alpha > 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
     if not torch.isfinite(W).all():
@@ -292,30 +254,22 @@ def check_init_inputs(W: Tensor, C: Tensor, r: int, alpha: float):
 # 6. Diagnostics
 
 def effective_rank(singular_values: Tensor) -> dict:
-    """Entropy effective rank (Roy & Vetterli 2007) and energy counts of a spectrum.
-
-    erank = exp(-sum p_i log p_i), p_i = sigma_i / sum(sigma): n for a flat spectrum of n
-    values, 1 for a single nonzero one. n90 / n99: fewest components with 90% / 99% of sum(sigma^2).
-    """
+    """Entropy effective rank (Roy & Vetterli 2007) exp(-sum p_i log p_i), p = sigma / sum(sigma),
+    and n90 / n99, the fewest components holding 90% / 99% of the energy sum(sigma^2)."""
     sv = torch.as_tensor(singular_values, dtype=torch.float64).flatten()
     if sv.numel() == 0 or not torch.isfinite(sv).all() or (sv < 0).any():
         raise ValueError("singular values must be a non-empty set of finite values >= 0")
     if sv.sum() == 0:
         raise ValueError("all singular values are zero: the effective rank is undefined")
-    p = sv / sv.sum()
-    p = p[p > 0]  # 0 log 0 = 0
-    energy = torch.sort(sv ** 2, descending=True).values
-    cumulative = energy.cumsum(0) / energy.sum()
-
-    def count(q):  # smallest k with cumulative[k-1] >= q, forgiving rounding at 1e-12
-        return min(int((cumulative < q - 1e-12).sum()) + 1, sv.numel())
-
+    p = sv[sv > 0] / sv.sum()  # 0 log 0 = 0
+    share = torch.sort(sv ** 2, descending=True).values.cumsum(0) / (sv ** 2).sum()
+    count = lambda q: min(int((share < q - 1e-12).sum()) + 1, sv.numel())  # noqa: E731
     return {"erank": math.exp(float(-(p * p.log()).sum())), "n90": count(0.90), "n99": count(0.99)}
 
 
 def activation_singular_values(C: Tensor) -> Tensor:
-    """Singular values of X / sqrt(N), descending: sqrt of C's eigenvalues (tiny negative
-    ones from rounding clamped to 0). The 1 / sqrt(N) scale does not change effective_rank."""
+    """Singular values of X / sqrt(N), descending: sqrt of C's eigenvalues (rounding's tiny
+    negative ones clamped to 0). The 1 / sqrt(N) does not change effective_rank."""
     return torch.linalg.eigvalsh(C.double()).clamp_min(0).sqrt().flip(0)
 
 

@@ -26,7 +26,32 @@ from torch import Tensor, nn
 
 import lora
 import nullspace
-from model import rotary_cos_sin
+from model import PROJECTIONS, rotary_cos_sin
+
+
+# Which tensor each projection reads inside a LLaMA block: q, k and v all read the output
+# of attention_norm, gate and up both read the output of ffn_norm: one covariance serves
+# each group, so a block needs 4 covariances, not 7.
+SHARED_INPUT = {"q": "attention_norm", "k": "attention_norm", "v": "attention_norm", "o": "attention_output",
+                "gate": "ffn_norm", "up": "ffn_norm", "down": "swiglu_output"}
+
+
+def input_groups(model: nn.Module, targets=nullspace.ALL_TARGETS, blocks=None) -> dict[str, list[str]]:
+    """{hooked layer: the target layers that read its input}, for every block (or `blocks`).
+
+    E.g. block 3 with all targets: {"layers.3.attention.wq": [wq, wk, wv], "...wo": [wo],
+    "...w_gate": [w_gate, w_up], "...w_down": [w_down]}. The first layer of a group is hooked.
+    """
+    unknown = [t for t in targets if t not in PROJECTIONS]
+    if unknown or not targets:
+        raise ValueError(f"unknown LoRA targets {unknown}; choose from {list(PROJECTIONS)}")
+    groups = {}
+    for i in range(len(model.layers)) if blocks is None else blocks:
+        hooked = {}  # shared input -> the layer hooked for it
+        for t in dict.fromkeys(targets):
+            name = f"layers.{i}.{PROJECTIONS[t]}"
+            groups.setdefault(hooked.setdefault(SHARED_INPUT[t], name), []).append(name)
+    return groups
 
 
 def add_gram_(S: Tensor, x: Tensor, blocks: int = 4) -> Tensor:
@@ -80,7 +105,7 @@ class CovarianceCollector:
     def __init__(self, model: nn.Module, targets=nullspace.ALL_TARGETS, *, dtype=torch.float64,
                  per_sample_max_norm: bool = False, blocks=None):
         self.model = model
-        self.groups = nullspace.input_groups(model, targets, blocks)
+        self.groups = input_groups(model, targets, blocks)
         self.dtype = dtype
         self.per_sample_max_norm = per_sample_max_norm
         self.sums: dict[str, Tensor] = {}
@@ -135,7 +160,11 @@ class CovarianceCollector:
 
     def finalize(self) -> dict[str, Tensor]:
         """{layer: C (n, n) float64}, C = (S + S.T) / (2 N); layers sharing an input share C."""
-        return nullspace.covariances_from_sums(self.groups, self.sums, self.counts)
+        covariances = {}
+        for hooked, sharing in self.groups.items():
+            C = nullspace.covariance(self.sums.get(hooked), int(self.counts.get(hooked, 0)), " / ".join(sharing))
+            covariances.update(dict.fromkeys(sharing, C))
+        return covariances
 
 
 def batch_and_mask(batch, device) -> tuple[Tensor, Tensor | None]:

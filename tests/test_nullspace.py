@@ -410,7 +410,7 @@ def test_shared_inputs_are_collected_once():
 
 
 def test_groups_follow_the_targets():
-    groups = ns.input_groups(random_model(), ("v", "up", "down", "v"))
+    groups = cal.input_groups(random_model(), ("v", "up", "down", "v"))
     assert groups == {
         "layers.0.attention.wv": ["layers.0.attention.wv"],
         "layers.0.feed_forward.w_up": ["layers.0.feed_forward.w_up"],
@@ -420,7 +420,7 @@ def test_groups_follow_the_targets():
         "layers.1.feed_forward.w_down": ["layers.1.feed_forward.w_down"],
     }
     with pytest.raises(ValueError, match="unknown LoRA targets"):
-        ns.input_groups(random_model(), ("q", "wq"))
+        cal.input_groups(random_model(), ("q", "wq"))
 
 
 def test_hooks_are_removed_after_an_error_and_nonfinite_inputs_are_named():
