@@ -468,10 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--to", required=True, choices=KINDS,
                         help="peft: PEFT LoRA adapter for the original HF weights; hf: merged LlamaForCausalLM "
                              "with tokenizer files; gguf: merged float16 GGUF for llama.cpp")
-    parser.add_argument("--out", default="", help="output directory (default: RUN_DIR/export-<kind>)")
+    parser.add_argument("--out", default="", metavar="DIR", help="output directory (default: RUN_DIR/export-<kind>)")
     parser.add_argument("--force", action="store_true",
                         help="write into a non-empty --out (files of an earlier export there are replaced)")
-    parser.add_argument("--model", default="",
+    parser.add_argument("--model", default="", metavar="PATH",
                         help="base checkpoint (.gguf file, HF or Meta directory) instead of the one the run "
                              "recorded; it must hold the weights the adapter was trained on")
     parser.add_argument("--with-base", action="store_true",

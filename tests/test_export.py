@@ -1,9 +1,11 @@
 """python -m loranull_mini.export: each export, loaded by the tool it is for, gives the trained model.
 
-Runs: toy runs of train.py (10 steps), and a tiny random model whose GGUF carries SmolLM2's
-real vocabulary, merges, special tokens and chat template (the tokenizer files are checked
-against our Tokenizer of the real SmolLM2 GGUF). References: transformers' LlamaForCausalLM
-and AutoTokenizer, peft's PeftModel, tokenizers, gguf's GGUFReader.
+Runs: toy runs of train.py (10 steps), and adapters trained a few steps on tiny random models
+saved as GGUFs: one carries SmolLM2's real vocabulary, merges, special tokens and chat template
+(the exported tokenizer files are checked against our Tokenizer of the real SmolLM2 GGUF), one
+a small hand-made vocabulary (its metadata must reach the exported GGUF unchanged).
+References: transformers' LlamaForCausalLM and AutoTokenizer, peft's PeftModel, tokenizers,
+gguf's GGUFReader.
 """
 import copy
 import json
