@@ -286,6 +286,26 @@ def test_gguf_export_of_a_gguf_base_copies_its_tokenizer_metadata(tmp_path):
     torch.testing.assert_close(logits(reread, idx), expected, atol=2e-5, rtol=0)
 
 
+def test_llama_cpp_runs_the_gguf_exports_as_we_do(toy_runs, tmp_path):
+    # needs llama-cpp-python (not a test dependency: it compiles llama.cpp on install)
+    llama_cpp = pytest.importorskip("llama_cpp")
+    run_dir, model = toy_runs["null"]
+    path = export.export(run_dir, "gguf", tmp_path / "toy") / export.GGUF_FILE
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=16, logits_all=True, verbose=False)
+    ids = toy_tokens()[0].tolist()
+    llm.eval(ids)
+    theirs = torch.tensor([list(row) for row in llm.scores[:len(ids)]])
+    ours = logits(model, torch.tensor([ids]))[0]
+    torch.testing.assert_close(theirs, ours, atol=0.05, rtol=0)    # llama.cpp multiplies in float16
+    # and it tokenizes with the vocabulary and pre-tokenizer the export carries
+    run_dir, _ = gguf_run(tmp_path / "vocab", small_vocabulary(), vocab_size=262)
+    path = export.export(run_dir, "gguf") / export.GGUF_FILE
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=16, vocab_only=True, verbose=False)
+    text = "the the <|im_start|>hi 12"
+    ours = load_model(path)[1].encode(text, allow_special=True)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ours and 261 in ours
+
+
 def test_tokenizer_files_built_without_a_gguf_reproduce_our_tokenizer(smollm2, texts):
     # A base from an HF or Meta checkpoint has no GGUF metadata: the merges are derived from
     # the vocabulary and the GGUF keys built from our Tokenizer.
