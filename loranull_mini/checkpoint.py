@@ -782,3 +782,67 @@ def save_meta(model: Transformer, directory) -> None:
         "max_seq_len": config.max_seq_len,
     }
     write_json(directory / "params.json", params, indent=2)
+
+
+def save_gguf(model: Transformer, path, *, name: str = "", tokenizer_fields: dict | None = None) -> None:
+    """Write one float16 GGUF file that llama.cpp reads as a llama model.
+
+    Tensors get llama.cpp's names (GGUF_NAMES), q/k rows go back to the interleaved rotary
+    layout, norms stay float32 and matrices (embedding included) become float16; tied
+    embeddings are written once (no output.weight). The metadata holds the llama.* keys
+    llama.cpp needs for this architecture (no rope scaling: model.py has none).
+
+    tokenizer_fields: {key: (value, GGUFValueType)}, e.g. {"tokenizer.ggml.model":
+    ("gpt2", STRING), "tokenizer.ggml.tokens": ([...], STRING)}; a list value is written as
+    an array of that type. Without them the file declares no vocabulary
+    (tokenizer.ggml.model "none") and llama.vocab_size gives the embedding's rows.
+    """
+    import gguf
+
+    from loranull_mini.files import atomic_write
+
+    config, path = model.config, Path(path)
+    ours_to_gguf = {ours: theirs for theirs, ours in GGUF_NAMES.items()}
+    tensors = {}
+    for our_name, tensor in _our_tensors(model).items():
+        if our_name.endswith("attention.wq.weight"):
+            tensor = permute_half_to_interleaved(tensor, config.n_heads)
+        elif our_name.endswith("attention.wk.weight"):
+            tensor = permute_half_to_interleaved(tensor, config.n_kv_heads)
+        array = tensor.float().numpy() if tensor.dim() == 1 else tensor.to(torch.float16).numpy()
+        if not np.isfinite(array).all():
+            raise CheckpointError(f"{our_name} has values float16 cannot hold (beyond +-65504, or NaN)")
+        tensors[rename(our_name, ours_to_gguf)] = array
+    fields = dict(tokenizer_fields or {"tokenizer.ggml.model": ("none", gguf.GGUFValueType.STRING)})
+
+    writer = gguf.GGUFWriter(None, "llama")
+    writer.add_name(name or "llama")
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.dim)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.hidden_dim)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_kv_heads)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    for key, (value, vtype) in fields.items():
+        if isinstance(value, (list, tuple)):
+            writer.add_key_value(key, list(value), gguf.GGUFValueType.ARRAY, sub_type=vtype)
+        else:
+            writer.add_key_value(key, value, vtype)
+    for gguf_name, array in tensors.items():
+        writer.add_tensor(gguf_name, array)
+
+    def write(tmp):
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+
+    atomic_write(path, write)
