@@ -35,10 +35,10 @@ import torch.distributed as dist  # noqa: E402
 
 import lora  # noqa: E402
 import nullspace  # noqa: E402
-from loranull_mini import adapter_io, calibration, runstate  # noqa: E402
+from loranull_mini import adapter_io, calibration, metrics, runstate  # noqa: E402
 from loranull_mini import data as datasets  # noqa: E402
 from loranull_mini.devices import pick_device  # noqa: E402
-from loranull_mini.files import save_figure  # noqa: E402
+from loranull_mini.files import save_figure, write_json  # noqa: E402
 from model import PROJECTIONS, masked_nll  # noqa: E402
 
 
@@ -123,6 +123,7 @@ def main(argv=None) -> dict:
         dist.barrier()
     model.to(device)
     fingerprint = adapter_io.base_fingerprint(model)  # of the original weights, before any init moves them
+    forgetting = ForgettingProbe(model, tok, data, cfg.preset) if proc == 0 else None  # the base model's answers
     log(f"model      {base_model_name(cfg)}: {model.num_params() / 1e6:.1f}M params")
     log(f"data       {len(data.train)} train / {len(data.heldout)} held-out examples; calibration "
         f"{data.calibration.shape[0]} x {data.calibration.shape[1]} tokens "
@@ -161,14 +162,21 @@ def main(argv=None) -> dict:
                       out=out, resumed=resumed, proc=proc, world=world, log=log)
     metrics = result["metrics"]
 
-    # 4. the outputs
+    # 4. the outputs, and what the run cost in what the model knew
     if proc == 0:
         run_config = {"init": cfg.init, "train_config": dataclasses.asdict(cfg), "base_model": base_model_name(cfg),
                       "base_fingerprint": fingerprint, "steps_trained": cfg.steps}
         adapter_io.save_adapter(model, out / "adapter", run_config)
         adapter_io.export_delta(model, out / "adapter-delta", run_config)
-        plot_losses(out / "loss.png", [{"step": 0, **result["start"]}] + metrics, f"{cfg.init}{' (A frozen)' if cfg.freeze_a else ''}, r={cfg.rank}")
-        log(f"wrote      {out}/adapter, {out}/adapter-delta, {out}/metrics.jsonl, {out}/loss.png")
+        plot_losses(out / "loss.png", [{"step": 0, **result["start"]}] + metrics,
+                    f"{cfg.init}{' (A frozen)' if cfg.freeze_a else ''}, r={cfg.rank}")
+        summary = {"task_loss_before": result["start"]["heldout_loss"], "task_loss_after": metrics[-1]["heldout_loss"],
+                   **forgetting.measure(model)}
+        write_json(out / "summary.json", summary)
+        log(f"task       held-out answer loss {summary['task_loss_before']:.4f} -> {summary['task_loss_after']:.4f}")
+        log(f"forgotten  {forgetting.what}: KL(base || tuned) {summary['kl']:.4f} nats/token, "
+            f"perplexity {100 * summary['ppl_change']:+.2f}%")
+        log(f"wrote      {out}/adapter, {out}/adapter-delta, {out}/metrics.jsonl, {out}/loss.png, {out}/summary.json")
     if world > 1:
         dist.barrier()
     return {"metrics": metrics, "start": result["start"], "out": str(out), "model": model, "layers": layers,
@@ -330,6 +338,30 @@ def mean_disturbance(layers, covariances, energies) -> float:
     return sum(values) / len(values)
 
 
+class ForgettingProbe:
+    """What the base model predicts on a small held-out slice (16 Wikipedia passages; the
+    toy: its held-out facts), kept to tell at the end how far the tuned model moved from it:
+    the per-token KL(base || tuned) and the perplexity change, as eval.py measures them."""
+
+    def __init__(self, model, tok, data, preset: str):
+        if preset == "toy":
+            from loranull_mini import toy
+            self.what = "held-out toy facts"
+            facts = toy.heldout_facts(data.seed)
+            self.examples = [datasets.encode_qa(tok, f["question"], f["answer"]) for f in facts]
+        else:
+            self.what = "16 held-out Wikipedia passages"
+            self.examples = [datasets.Example(tok.encode(p)[:128], 1) for p in datasets.wiki_passages(16)]
+        self.pad_id = tok.pad_id
+        self.reference = metrics.reference_distributions(model, self.examples, self.pad_id, k=256)
+
+    def measure(self, model) -> dict:
+        r = metrics.kl_to_reference(model, self.examples, self.pad_id, self.reference)
+        tokens = sum(r["tokens"])
+        return {"kl": sum(r["kl"]) / tokens, "ppl_change": math.exp(sum(r["dnll"]) / tokens) - 1,
+                "forgetting_probe": self.what}
+
+
 class DivergenceWatch:
     """A held-out loss more than 10% above where it started is suspicious; `patience`
     suspicious evaluations in a row mean the run diverged."""
@@ -427,6 +459,7 @@ class Data:
     heldout: list                     # Examples for the held-out task loss
     calibration: torch.Tensor         # (windows, T) token ids
     calibration_mask: torch.Tensor | None = None  # (windows, T) True at real tokens; None: all real
+    seed: int = 0                     # the toy world's seed
 
 
 def load_model_and_data(cfg: TrainConfig, log=print):
@@ -438,7 +471,7 @@ def load_model_and_data(cfg: TrainConfig, log=print):
         test = [datasets.encode_qa(tok, r["question"], r["answer"]) for r in toy.skill_task("test", seed=cfg.seed)]
         calib = datasets.collate([datasets.encode_qa(tok, f["question"], f["answer"])
                                   for f in toy.calibration_facts(cfg.seed)], tok.pad_id)
-        return model, tok, Data(train, test, calib["idx"], calib["pad_mask"])
+        return model, tok, Data(train, test, calib["idx"], calib["pad_mask"], cfg.seed)
     from loranull_mini.checkpoint import load_model
     model, tok = load_model(cfg.model or None, require_tokenizer=True)
     rows = datasets.load_task_file(Path(cfg.data)) if cfg.data else datasets.asdiv("train")

@@ -223,6 +223,12 @@ def load_adapter(model: torch.nn.Module, dir) -> dict[str, LoRALinear]:
     cfg, tensors = read_adapter(dir)
     if lora_layers(model):
         raise ValueError("load_adapter needs a plain base model, but this one already has LoRA adapters")
+    found = base_fingerprint(model)
+    if found != cfg["base_fingerprint"]:
+        where = f" ({cfg['base_model']})" if "base_model" in cfg else ""
+        raise ValueError(f"adapter in {dir} was made for a different base model (weights or dtype differ): "
+                         f"fingerprint {cfg['base_fingerprint'][:12]}..., this model {found[:12]}...; "
+                         f"load the checkpoint it was trained on{where}")
     modules = dict(model.named_modules())
     for name in cfg["layers"]:
         if not isinstance(modules.get(name), torch.nn.Linear):
@@ -232,12 +238,6 @@ def load_adapter(model: torch.nn.Module, dir) -> dict[str, LoRALinear]:
         if tensors[f"{name}.A"].shape[1] != n or tensors[f"{name}.B"].shape[0] != m:
             raise ValueError(f"{dir / ADAPTER_WEIGHTS}: the adapter of {name} is for a ({tensors[f'{name}.B'].shape[0]}, "
                              f"{tensors[f'{name}.A'].shape[1]}) weight, this model's is ({m}, {n})")
-    found = base_fingerprint(model)
-    if found != cfg["base_fingerprint"]:
-        where = f" ({cfg['base_model']})" if "base_model" in cfg else ""
-        raise ValueError(f"adapter in {dir} was made for a different base model (weights or dtype differ): "
-                         f"fingerprint {cfg['base_fingerprint'][:12]}..., this model {found[:12]}...; "
-                         f"load the checkpoint it was trained on{where}")
     layers = {}
     for name in cfg["layers"]:
         layer = wrap_linear(model, name, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["freeze_A"])

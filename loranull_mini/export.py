@@ -70,7 +70,7 @@ class Base:
     """The base model a run trained on, as loaded for exporting."""
     model: torch.nn.Module
     tokenizer: object          # Tokenizer, ToyTokenizer or None
-    source: str                # "toy", or the checkpoint's path
+    source: str                # "toy" (toy:SEED:OVERLAP), or the checkpoint's path
     label: str                 # a name for general.name and messages
     gguf_reader: object = None  # the base GGUF, when it came from one
 
@@ -105,12 +105,14 @@ def read_adapter_config(adapter_dir: Path) -> dict:
 
 
 def base_source(cfg: dict, config_path: Path, override: str | None = None) -> str | None:
-    """"toy", a checkpoint path, or None for the default SmolLM2 GGUF."""
+    """"toy:SEED:OVERLAP", a checkpoint path, or None for the default SmolLM2 GGUF."""
     if override:
         return override
     train = cfg.get("train_config")
-    if isinstance(train, dict):
-        return "toy" if train.get("preset") == "toy" else (train.get("model") or None)
+    if isinstance(train, dict):  # a toy run's world depends on its seed and overlap setting
+        if train.get("preset") == "toy":
+            return f"toy:{train.get('seed', 0)}:{train.get('toy_overlap', 'random')}"
+        return train.get("model") or None
     if cfg.get("base_model") == "toy":
         return "toy"
     if cfg.get("base_model") and Path(cfg["base_model"]).exists():
@@ -121,9 +123,10 @@ def base_source(cfg: dict, config_path: Path, override: str | None = None) -> st
 
 def load_base(source: str | None, config_path: Path, log=print) -> Base:
     """The plain base model (float32, CPU) and its tokenizer."""
-    if source == "toy":
+    if source is not None and (source == "toy" or source.startswith("toy:")):  # toy:SEED:OVERLAP
         from loranull_mini import toy
-        model, tok = toy.load_toy_model(log=log)
+        _, seed, overlap = (source + ":0:random").split(":")[:3]
+        model, tok = toy.load_toy_model(int(seed), overlap, log=log)
         return Base(model, tok, "toy", "toy")
     if source is None:
         from loranull_mini import assets

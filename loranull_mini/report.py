@@ -84,10 +84,10 @@ def summarize(variant: str, names, runs: list[dict], base: dict, settings: dict,
         mine = [r for r in runs if r["method"] == m]
         lrs = sorted({r["lr"] for r in mine})
         grid[m] = {f"{lr:g}": mean_or_inf([final(r, "val_loss") for r in mine if r["lr"] == lr]) for lr in lrs}
-        finite = {lr: grid[m][f"{lr:g}"] for lr in lrs if math.isfinite(grid[m][f"{lr:g}"])}
-        if not finite:
+        best = stats.best_lr({lr: grid[m][f"{lr:g}"] for lr in lrs})
+        if best is None:
             continue
-        chosen[m] = min(finite, key=lambda lr: (finite[lr], lr))
+        chosen[m] = best
         picked = [r for r in mine if r["lr"] == chosen[m] and "final" in r]
         rows[m] = {k: mean_std([r["final"]["scores"][k] for r in picked]) for k in picked[0]["final"]["scores"]}
         rows[m]["energy_init"] = mean_std([r["energy"]["init"] for r in picked])

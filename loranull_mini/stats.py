@@ -19,6 +19,13 @@ import math
 import numpy as np
 
 
+def best_lr(mean_loss: dict[float, float]) -> float | None:
+    """The learning rate with the lowest mean loss over seeds (ties to the smaller one);
+    None when every one diverged (infinite)."""
+    finite = {lr: v for lr, v in mean_loss.items() if math.isfinite(v)}
+    return min(finite, key=lambda lr: (finite[lr], lr)) if finite else None
+
+
 def frontier(losses, costs) -> tuple[np.ndarray, np.ndarray]:
     """The points no other point beats in both loss and cost, by ascending loss (costs then
     strictly decrease)."""

@@ -31,7 +31,7 @@ import torch
 
 import lora
 import nullspace
-from loranull_mini import calibration, report
+from loranull_mini import calibration, report, stats
 from loranull_mini.devices import pick_device
 from loranull_mini.files import read_json, write_json
 
@@ -109,10 +109,9 @@ def load_results(out: Path) -> list[dict]:
 def next_lr(mean_loss: dict[float, float], extensions_left: int) -> float | None:
     """The learning rate to add to a grid whose best mean loss sits at an edge: half the
     smallest or twice the largest; None when the best is inside (or nothing is left)."""
-    finite = {lr: v for lr, v in mean_loss.items() if math.isfinite(v)}
-    if not finite or extensions_left <= 0:
+    best, grid = stats.best_lr(mean_loss), sorted(mean_loss)
+    if best is None or extensions_left <= 0:
         return None
-    best, grid = min(finite, key=lambda lr: (finite[lr], lr)), sorted(mean_loss)
     if best == grid[0]:
         return grid[0] / 2
     if best == grid[-1]:

@@ -184,10 +184,10 @@ def gguf_run(root: Path, tokenizer_fields: dict, vocab_size: int):
     (run directory, trained model with adapters)."""
     model = rounded_to_float16(random_model(vocab_size=vocab_size, max_seq_len=128))  # the GGUF holds it exactly
     save_gguf(model, root / "base.gguf", name="tiny", tokenizer_fields=tokenizer_fields)
-    lora.inject_lora(model, ("q", "v", "down"), r=2, alpha=4, init="vanilla")
+    lora.inject_lora(model, ("q", "v", "down"), r=2, alpha=4)
     train_steps(model)
     adapter_io.save_adapter(model, root / "run" / "adapter",
-                            {"train_config": {"preset": "real", "model": str(root / "base.gguf")}})
+                            {"init": "vanilla", "train_config": {"preset": "real", "model": str(root / "base.gguf")}})
     return root / "run", model
 
 
