@@ -132,7 +132,8 @@ def main(argv=None) -> dict:
 
     # 2. calibration (C = X^T X / N of every target layer, one block at a time, all-reduced over
     #    processes) and the adapters, each block initialised by --init as soon as its
-    #    covariances are known, or restored exactly from the checkpoint
+    #    covariances are known, or restored exactly from the checkpoint. The products X^T X are
+    #    float32 (twice as fast as float64 on a CPU), summed in float64.
     log("calibrating: collecting the input covariance of every target layer, block by block ...")
     t0 = time.time()
     targets = cfg.targets.split(",")
@@ -140,9 +141,9 @@ def main(argv=None) -> dict:
     if resumed is None:
         layers, covariances = calibration.inject_blockwise(
             model, batches, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
-            freeze_A=cfg.freeze_a, seed=cfg.seed, dtype=torch.float64, distributed=world > 1)
+            freeze_A=cfg.freeze_a, seed=cfg.seed, dtype=torch.float32, distributed=world > 1)
     else:
-        covariances = calibration.calibrate_blockwise(model, batches, targets, dtype=torch.float64,
+        covariances = calibration.calibrate_blockwise(model, batches, targets, dtype=torch.float32,
                                                       distributed=world > 1)
         layers = restore_adapters(model, resumed["adapters"], cfg, targets)
     if cfg.save_covariances and proc == 0:

@@ -31,7 +31,7 @@ import torch
 
 import lora
 import nullspace
-from loranull_mini import calibration, report, stats
+from loranull_mini import adapter_io, calibration, report, stats
 from loranull_mini.devices import pick_device
 from loranull_mini.files import read_json, write_json
 
@@ -43,25 +43,32 @@ METHODS = {  # label -> (init, A frozen)
     "lora-fa": ("vanilla", True), "top-fa": ("top", True), "space": ("space", False), "space-fa": ("space", True),
 }
 CONTROLS = ("lora", "lora-fa", "null-v2", "space-fa", "top-fa")
-QUICK_SIZES = {"wiki": 200, "wiki_tokens": 32, "nq": 64, "nq_em": 16, "mmlu": 32, "tqa": 32, "val": 48,
-               "test": 48, "test_acc": 16, "top_k": 256}
+# Evaluation set sizes of the real suites (each run is evaluated several times on a CPU budget):
+# 200 Wikipedia passages of 32 tokens for the KL, 48 validation problems for the curves' task loss.
+REAL_SIZES = {"wiki": 200, "wiki_tokens": 32, "nq": 100, "nq_em": 32, "mmlu": 48, "tqa": 48, "val": 48,
+              "test": 64, "test_acc": 32, "top_k": 512}
+QUICK_SIZES = {"wiki": 200, "wiki_tokens": 16, "nq": 48, "nq_em": 16, "mmlu": 24, "tqa": 24, "val": 24,
+               "test": 32, "test_acc": 16, "top_k": 256}
 
 SUITES = {
     # Toy: all methods where the new skill's inputs point at random, the core controls where they
     # point into the calibration's top or bottom eigenspace. target: skill validation loss (nats).
     "toy": dict(preset="toy", seeds=(0, 1, 2), lrs=(2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2), max_extensions=2,
                 steps=100, batch_size=32, eval_every=25, warmup=10, rank=8, alpha=16.0, target=2.5,
-                variants={"random": tuple(METHODS), "top": CONTROLS, "bottom": CONTROLS}),
+                full_eval="every", variants={"random": tuple(METHODS), "top": CONTROLS, "bottom": CONTROLS}),
     # SmolLM2: all methods calibrated on NQ-open; LoRA-Null v2 also calibrated on Wikipedia and on the
-    # task's own prompts (LoRA-FA does not read the calibration). target: ASDiv validation loss.
-    "real": dict(preset="real", seeds=(0, 1, 2), lrs=(2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3), max_extensions=2,
-                 steps=24, batch_size=8, eval_every=8, warmup=3, rank=8, alpha=16.0, target=2.0,
-                 calib_samples=16, calib_len=256,
-                 sizes=None, variants={"nq-open": tuple(METHODS), "wiki": ("null-v2",), "task": ("null-v2",)}),
-    "real-quick": dict(preset="real", seeds=(0, 1), lrs=(5e-4, 1e-3, 2e-3), max_extensions=0,
-                       steps=12, batch_size=8, eval_every=6, warmup=2, rank=8, alpha=16.0, target=2.5,
-                       calib_samples=8, calib_len=128,
-                       sizes=QUICK_SIZES, variants={"nq-open": ("lora", "lora-fa", "null-v2", "space-fa")}),
+    # task's own prompts (LoRA-FA does not read the calibration). target: ASDiv validation loss. The
+    # multiple-choice probes, exact match and the test split are measured at each method's chosen
+    # learning rate (every run keeps its adapter until then); retention KL and the validation loss
+    # at every evaluation point of every run.
+    "real": dict(preset="real", seeds=(0, 1, 2), lrs=(5e-4, 1e-3, 2e-3, 4e-3, 8e-3), max_extensions=2,
+                 steps=20, batch_size=8, eval_every=10, warmup=2, rank=8, alpha=16.0, target=2.0,
+                 calib_samples=16, calib_len=256, full_eval="chosen", sizes=REAL_SIZES,
+                 variants={"nq-open": tuple(METHODS), "wiki": ("null-v2",), "task": ("null-v2",)}),
+    "real-quick": dict(preset="real", seeds=(0, 1), lrs=(1e-3, 2e-3, 4e-3), max_extensions=0,
+                       steps=6, batch_size=8, eval_every=6, warmup=1, rank=8, alpha=16.0, target=3.0,
+                       calib_samples=8, calib_len=128, full_eval="chosen", sizes=QUICK_SIZES,
+                       variants={"nq-open": ("lora", "lora-fa", "null-v2", "space-fa")}),
 }
 
 
@@ -160,6 +167,10 @@ class Study:
             grid.append(lr)
             extensions -= 1
             say(f"{variant} {method}: best validation loss at the edge of the grid, adding lr {lr:g}")
+        if self.s["full_eval"] == "chosen":
+            chosen = stats.best_lr(losses)
+            for seed in self.s["seeds"] if chosen is not None else ():
+                self.full_evaluation(variant, method, chosen, seed)
         self.inits = {k: v for k, v in self.inits.items() if k[:2] != (variant, method)}
         if method == self.s["variants"][variant][-1]:
             self.worlds = {k: v for k, v in self.worlds.items() if k[1] != variant}  # free its calibration
@@ -185,7 +196,8 @@ class Study:
             calls.append(None)
             if len(calls) == 1:
                 return {}
-            return {"eval": self.m.evaluate(m, world["tok"], world["probes"], world["ref"], full=len(calls) == n_evals)}
+            full = len(calls) == n_evals and self.s["full_eval"] == "every"
+            return {"eval": self.m.evaluate(m, world["tok"], world["probes"], world["ref"], full=full)}
 
         row = {"variant": variant, "method": method, "lr": lr, "seed": seed}
         try:
@@ -198,6 +210,9 @@ class Study:
             say(f"{run_key(variant, method, lr, seed)}: diverged")
             return row
         evals = [r for r in trained["metrics"] if "eval" in r]
+        if self.s["full_eval"] == "chosen":  # kept until the method's learning rate is chosen
+            adapter_io.save_adapter(model, self.adapter_dir(variant, method, lr, seed),
+                                    {"init": init, "base_fingerprint": world["fingerprint"]})
         row.update(
             points=[{"step": r["step"], "disturbance": r["disturbance"], "scores": r["eval"]["scores"],
                      "items": {k: r["eval"]["items"][k] for k in ("kl", "tokens", "val_nll", "val_tokens")}}
@@ -209,6 +224,22 @@ class Study:
         say(f"{run_key(variant, method, lr, seed)}: val loss {row['final']['scores']['val_loss']:.3f}, "
             f"KL {row['final']['scores']['kl']:.4f} ({row['seconds']:.0f}s)")
         return row
+
+    def adapter_dir(self, variant: str, method: str, lr: float, seed: int) -> Path:
+        return self.out / "adapters" / run_key(variant, method, lr, seed)
+
+    def full_evaluation(self, variant: str, method: str, lr: float, seed: int):
+        """The full evaluation of a finished run, from its saved adapter, into its result file."""
+        path = self.out / "runs" / f"{run_key(variant, method, lr, seed)}.json"
+        row = read_json(path)
+        if "final" not in row or "test_loss" in row["final"]["scores"]:
+            return
+        world = self.world(seed, variant)
+        model = copy.deepcopy(world["base"])
+        adapter_io.load_adapter(model, self.adapter_dir(variant, method, lr, seed))
+        row["final"] = self.m.evaluate(model, world["tok"], world["probes"], world["ref"], full=True)
+        write_json(path, row)
+        say(f"{run_key(variant, method, lr, seed)}: full evaluation at the chosen lr")
 
     def start(self, world: dict, method: str, seed: int, model) -> dict:
         """Wrap the model's targets and start them from the method's init, computed once per
@@ -224,9 +255,8 @@ class Study:
             calibration.init_layers(fresh, init, world["covariances"], torch.Generator().manual_seed(seed))
             self.inits[key] = {name: {k: getattr(layer, k).detach().clone() for k in ("A", "B", "A0", "B0")
                                       if getattr(layer, k) is not None} for name, layer in fresh.items()}
-        from loranull_mini.adapter_io import restore_layer
         for name, layer in layers.items():
-            restore_layer(layer, {f"{name}.{k}": v for k, v in self.inits[key][name].items()}, name)
+            adapter_io.restore_layer(layer, {f"{name}.{k}": v for k, v in self.inits[key][name].items()}, name)
         lora.mark_only_lora_trainable(model)
         return layers
 
@@ -275,7 +305,8 @@ class Study:
             diagnostics = self.out / "diagnostics.json"
             if not diagnostics.is_file():
                 write_json(diagnostics, report.diagnostics(shared["base"], covariances))
-        self.worlds[key] = {**shared, "data": data, "covariances": covariances, "variant": variant}
+        self.worlds[key] = {**shared, "data": data, "covariances": covariances, "variant": variant,
+                            "fingerprint": adapter_io.base_fingerprint(shared["base"])}
         return self.worlds[key]
 
     def base_eval(self, shared: dict, seed: int, variant: str):

@@ -138,11 +138,13 @@ def test_data_parallel_matches_one_process(tmp_path):
                           "--master_port", str(free_port()), str(ROOT / "train.py"), *args, "--out", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, cwd=ROOT)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    # the covariances are all-reduced: both runs see the same C, hence the same init
+    # the covariances are all-reduced: both runs see the same C, hence the same init. The
+    # per-batch products are float32 and the processes split the windows into other batches,
+    # so the two agree to float32 rounding (the float64 sums add no error of their own)
     c1, c2 = load_file(str(tmp_path / "one" / "covariances.safetensors")), load_file(str(tmp_path / "two" / "covariances.safetensors"))
     assert c1.keys() == c2.keys()
     for k in c1:
-        torch.testing.assert_close(c1[k], c2[k], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(c1[k], c2[k], rtol=1e-5, atol=1e-6 * float(c1[k].abs().max()))
     a1, a2 = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
     for k in (k for k in a1 if k.endswith((".A0", ".B0"))):
         torch.testing.assert_close(a1[k], a2[k], rtol=1e-5, atol=1e-6)
