@@ -259,11 +259,42 @@ def test_reference_is_small():
 
 
 def test_regenerating_gives_the_same_bytes(tmp_path):
+    """On the machine that made them, the files come back bit for bit. Another machine's BLAS/LAPACK may
+    round the last bits differently: then every tensor must still agree (outputs within the manifest's
+    tolerances, inputs to 1e-12), and the test is skipped, saying which files were not bit for bit."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         load_generator().main(tmp_path)
     written = sorted(p.name for p in tmp_path.iterdir())
     stored = sorted(p.name for p in REFERENCE.iterdir() if p.suffix in (".safetensors", ".json"))
     assert written == stored
-    for name in written:
-        assert (tmp_path / name).read_bytes() == (REFERENCE / name).read_bytes(), name
+    differ = [name for name in written if (tmp_path / name).read_bytes() != (REFERENCE / name).read_bytes()]
+    if not differ:
+        return
+    fresh = npp.load_manifest(tmp_path)
+    assert same_json(fresh, MANIFEST), "manifest.json changed"
+    specs = {e["file"]: e for e in MANIFEST["cases"]}
+    for name in (n for n in differ if n.endswith(".safetensors")):
+        old, new = npp.load_case({"file": name, "also_load": []}), npp.load_case({"file": name, "also_load": []}, tmp_path)
+        assert set(old) == set(new), name
+        outputs = specs[name]["outputs"] if name in specs else {}
+        for key in old:
+            if old[key].dtype.kind in "biu":
+                np.testing.assert_array_equal(new[key], old[key], err_msg=f"{name}: {key}")
+            elif key in outputs:
+                npp.check(specs[name], old, key, new[key])
+            else:
+                np.testing.assert_allclose(new[key], old[key], rtol=1e-12, atol=1e-12 * np.abs(old[key]).max(),
+                                           err_msg=f"{name}: {key}")
+    pytest.skip(f"regenerated within tolerance but not bit for bit here: {', '.join(differ)}")
+
+
+def same_json(a, b) -> bool:
+    """Equal, numbers to a relative 1e-6 (data-dependent tolerances may round differently elsewhere)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(same_json, a, b))
+    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-6)
+    return a == b and type(a) is type(b)
