@@ -1,7 +1,7 @@
 """A NumPy-only port of the project's numerics, checked against tests/reference/ (test_numpy_port.py).
 
-It shows that the reference vectors are enough to port the project: everything here was written from
-the conventions in tests/reference/manifest.json and docs/PORTING.md, in float64, without torch:
+It shows that the reference vectors are enough to port the project: it rests only on the conventions in
+tests/reference/manifest.json and docs/PORTING.md, computes in float64 and imports no torch:
 RMSNorm, rotary (rotate-half), grouped-query attention with padding masks, SwiGLU, the tiny LLaMA's
 forward with a KV cache, the input covariance over real tokens, every init (vanilla with a given A,
 PiSSA, MiLoRA, CorDA-KPA, LoRA-Null, the controls top and space), the diagnostics, and one LoRA
@@ -146,7 +146,8 @@ class Linear:
     def backward(self, dy):
         dx = dy @ self.W
         if self.A is not None:
-            dy2, u2, x2 = dy.reshape(-1, dy.shape[-1]), self.u.reshape(-1, self.u.shape[-1]), self.x.reshape(-1, self.x.shape[-1])
+            flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731  (tokens, features)
+            dy2, u2, x2 = flat(dy), flat(self.u), flat(self.x)
             self.dB += self.s * dy2.T @ u2                          # (m, r)
             du = self.s * dy @ self.B                               # (..., r)
             self.dA += du.reshape(-1, du.shape[-1]).T @ x2          # (r, n)
@@ -256,9 +257,10 @@ class TinyLlama:
                                                          None if A is None else np.asarray(A, np.float64),
                                                          None if B is None else np.asarray(B, np.float64),
                                                          scaling, name, record)
-            self.blocks.append((RMSNorm(weights[f"layers.{i}.attention_norm.weight"].astype(np.float64), config["norm_eps"]),
+            norm = lambda key: RMSNorm(weights[f"layers.{i}.{key}.weight"].astype(np.float64), config["norm_eps"])  # noqa: E731
+            self.blocks.append((norm("attention_norm"),
                                 Attention(lin["q"], lin["k"], lin["v"], lin["o"], config["n_heads"], config["n_kv_heads"]),
-                                RMSNorm(weights[f"layers.{i}.ffn_norm.weight"].astype(np.float64), config["norm_eps"]),
+                                norm("ffn_norm"),
                                 FeedForward(lin["gate"], lin["up"], lin["down"])))
         self.norm = RMSNorm(weights["norm.weight"].astype(np.float64), config["norm_eps"])
         self.E = weights["tok_embeddings.weight"].astype(np.float64)     # also the output weight (tied)

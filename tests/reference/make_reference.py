@@ -381,7 +381,8 @@ def case_covariance():
 def case_covariance_model(weights):
     c = Case("covariance_tiny_model", "collect_covariances on the tiny model over two padded batches: the input "
              "covariance of every target layer (q, k, v read the attention-norm output; gate, up the MLP-norm "
-             "output), padded tokens left out", {"weights": 5, "idx1": 5000, "idx2": 6000}, "float64 (of float32 activations)", also_load=[WEIGHTS_FILE],
+             "output), padded tokens left out", {"weights": 5, "idx1": 5000, "idx2": 6000},
+             "float64 (of float32 activations)", also_load=[WEIGHTS_FILE],
              params={"config": TINY},
              notes="batch 1: idx1, pad_mask1 (left-padded, tiny_model's batch); batch 2: idx2, pad_mask2 "
                    "(right-padded, lora_train_step's batch). N = 32 real tokens. C.<layer name> (n, n) float64 "
