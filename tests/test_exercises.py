@@ -159,10 +159,11 @@ def test_every_function_of_the_table_holds_one_marked_region_with_its_solution()
 
 
 def test_broken_marker_pairs_are_clear_errors(tmp_path):
+    opening = "# exercise 1: RMSNorm and rotary embeddings"
     cases = {
-        "without its .# end exercise. line": "def f():\n    # exercise 1: RMSNorm and rotary embeddings\n    return 1\n",
-        "does not close": "def f():\n    # exercise 1: RMSNorm and rotary embeddings\n    return 1\n    # end exercise 2\n",
-        "outside a function": "# exercise 1: RMSNorm and rotary embeddings\nx = 1\n# end exercise 1\n",
+        "without its .# end exercise. line": f"def f():\n    {opening}\n    return 1\n",
+        "does not close": f"def f():\n    {opening}\n    return 1\n    # end exercise 2\n",
+        "outside a function": f"{opening}\nx = 1\n# end exercise 1\n",
     }
     for expected, source in cases.items():
         (tmp_path / "model.py").write_text(source)
