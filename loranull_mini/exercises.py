@@ -40,7 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]        # the project this module belongs to
 CORE_FILES = ("model.py", "lora.py", "nullspace.py")
-NOT_COPIED = {"tests/test_exercises.py"}          # tests of this module: they need the solutions
+NOT_COPIED = {"tests/test_exercises.py",          # tests that need the reference bodies: of this module,
+              "tests/test_tutorial.py"}           # and of the code docs/TUTORIAL.md quotes
 SKIPPED_DIRS = {".git", ".venv", ".venv-ci", "runs", "out", "build", "__pycache__", ".pytest_cache", ".whl"}
 START = re.compile(r"^(?P<indent>[ \t]*)# exercise (?P<number>\d+): (?P<title>.+?)\s*$")
 END = re.compile(r"^(?P<indent>[ \t]*)# end exercise (?P<number>\d+)\s*$")
