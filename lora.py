@@ -67,11 +67,13 @@ class LoRALinear(nn.Module):
         self.register_buffer("B0", None)
 
     def forward(self, x):
+        # exercise 3: the LoRA layer
         y = self.base(x)                                                    # (..., out)
         if self.merged:
             return y
         update = (self.dropout(x).to(self.A.dtype) @ self.A.T) @ self.B.T   # (..., r) -> (..., out)
         return y + (self.scaling * update).to(y.dtype)
+        # end exercise 3
 
     @property
     def has_residual(self) -> bool:
@@ -97,24 +99,30 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A, (out, in), float32: what merging adds to the base weight."""
+        # exercise 3: the LoRA layer
         with torch.autocast(self.A.device.type, enabled=False):
             return self.scaling * (self.B.float() @ self.A.float())
+        # end exercise 3
 
     @torch.no_grad()
     def merge(self):
         """Fold the update into base.weight (in float32, then back to its dtype). Idempotent."""
+        # exercise 3: the LoRA layer
         if not self.merged:
             w = self.base.weight
             w.copy_((w.float() + self.delta_weight()).to(w.dtype))
             self.merged = True
+        # end exercise 3
 
     @torch.no_grad()
     def unmerge(self):
         """Undo merge(): subtract the update again (exact up to float rounding). Idempotent."""
+        # exercise 3: the LoRA layer
         if self.merged:
             w = self.base.weight
             w.copy_((w.float() - self.delta_weight()).to(w.dtype))
             self.merged = False
+        # end exercise 3
 
     def extra_repr(self) -> str:
         m, n = self.base.weight.shape
@@ -199,6 +207,7 @@ def _svd_split(W: torch.Tensor, r: int, alpha: float, keep: slice, niter: int | 
     A = diag(sqrt(S_r / s)) @ V_r^T (r, n),  B = U_r @ diag(sqrt(S_r / s)) (m, r),
     so s * B @ A = U_r diag(S_r) V_r^T, and W_res = W - s * B @ A.
     """
+    # exercise 4: PiSSA and MiLoRA
     s = alpha / r
     W32 = W.float()
     if niter is None:
@@ -212,6 +221,7 @@ def _svd_split(W: torch.Tensor, r: int, alpha: float, keep: slice, niter: int | 
     B = U_r * root[None, :]                                        # (m, r)
     W_res = W32 - s * B @ A                                        # (m, n)
     return A.to(factor_dtype(W)), B.to(factor_dtype(W)), W_res.to(W.dtype)
+    # end exercise 4
 
 
 # ----------------------------------------------------------------------------------------

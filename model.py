@@ -72,9 +72,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        # exercise 1: RMSNorm and rotary embeddings
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+        # end exercise 1
 
 
 # ----------------------------------------------------------------------------- rotary
@@ -83,30 +85,38 @@ def rotary_cos_sin(positions, head_dim: int, theta: float):
 
     Pair (i, i + hd/2) of a head is rotated by the angle pos * theta^(-2i/hd).
     """
+    # exercise 1: RMSNorm and rotary embeddings
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[..., None] * inv_freq           # (B, T, hd/2)
     angles = torch.cat([angles, angles], dim=-1)                # (B, T, hd): rotate-half layout
     return angles.cos(), angles.sin()
+    # end exercise 1
 
 
 def rotate_half(x):
     """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
+    # exercise 1: RMSNorm and rotary embeddings
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
+    # end exercise 1
 
 
 def apply_rotary(x, cos, sin):
     """Rotate q or k, x (B, heads, T, hd), by the angles in cos/sin (B, T, hd)."""
+    # exercise 1: RMSNorm and rotary embeddings
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, hd)
     return x * cos + rotate_half(x) * sin
+    # end exercise 1
 
 
 def repeat_kv(x, n_rep: int):
     """(B, Hkv, S, hd) -> (B, Hkv * n_rep, S, hd): each key/value head serves n_rep query heads."""
+    # exercise 2: grouped-query attention and the KV cache
     if n_rep == 1:
         return x
     B, Hkv, S, hd = x.shape
     return x[:, :, None].expand(B, Hkv, n_rep, S, hd).reshape(B, Hkv * n_rep, S, hd)
+    # end exercise 2
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -148,6 +158,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
+        # exercise 2: grouped-query attention and the KV cache
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -168,6 +179,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=not repeat)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)           # (B, T, H*hd)
         return self.wo(y)
+        # end exercise 2
 
 
 class FeedForward(nn.Module):

@@ -45,12 +45,14 @@ def collect_covariances(model: nn.Module, batches, targets=ALL_TARGETS) -> dict[
 
     def hook(name):
         def record(module, args, output):
+            # exercise 5: the covariance hook
             x = args[0].detach().flatten(0, -2)                     # (B*T, n)
             if keep is not None:
                 x = x[keep.flatten()]                               # padding never enters C
             x = x.double()
             sums[name] = sums.get(name, 0) + x.T @ x                # (n, n)
             counts[name] = counts.get(name, 0) + len(x)
+            # end exercise 5
         return record
 
     handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
@@ -71,6 +73,7 @@ def collect_covariances(model: nn.Module, batches, targets=ALL_TARGETS) -> dict[
 
 def covariance(S: Tensor, N: int, name: str) -> Tensor:
     """C = (S + S.T) / (2 N) from the sum S of x x^T over N tokens: exactly symmetric."""
+    # exercise 5: the covariance hook
     if not N:
         raise ValueError(f"no calibration tokens reached {name}")
     if not torch.isfinite(S.diagonal()).all():  # the diagonal sums x_i^2: NaN/Inf anywhere shows here
@@ -80,6 +83,7 @@ def covariance(S: Tensor, N: int, name: str) -> Tensor:
                       f"is rank-deficient, so the null basis is an arbitrary choice among {S.shape[0] - N} or "
                       f"more zero eigenvalues", stacklevel=3)
     return (S + S.T) / (2 * N)
+    # end exercise 5
 
 
 # -----------------------------------------------------------------------------
@@ -92,9 +96,11 @@ def null_basis(C: Tensor, r: int) -> Tensor:
     values: orthonormal directions u along which the calibration inputs are (nearly) zero.
     eigh returns the eigenvalues in ascending order.
     """
+    # exercise 6: the null basis and LoRA-Null
     check_covariance(C, r)
     _, Q = torch.linalg.eigh(C.to(torch.float64))  # (n, n), columns by ascending eigenvalue
     return Q[:, :r]
+    # end exercise 6
 
 
 def loranull_init(W: Tensor, C: Tensor, r: int, alpha: float, *, U_null: Tensor | None = None, generator=None):
@@ -107,6 +113,7 @@ def loranull_init(W: Tensor, C: Tensor, r: int, alpha: float, *, U_null: Tensor 
     gives the same factors for O(m r^2). Every row of A lies in span(U), so A @ x ~ 0 for
     knowledge-like x. U_null: the basis when already known (layers sharing C share it).
     """
+    # exercise 6: the null basis and LoRA-Null
     check_init_inputs(W, C, r, alpha)
     s = alpha / r
     W64 = W.detach().double()
@@ -116,6 +123,7 @@ def loranull_init(W: Tensor, C: Tensor, r: int, alpha: float, *, U_null: Tensor 
     A = root[:, None] * (Qh @ U.T)  # (r, n)
     B = U_w * root[None, :]  # (m, r)
     return A.to(lora.factor_dtype(W)), B.to(lora.factor_dtype(W)), (W64 - s * B @ A).to(W.dtype)
+    # end exercise 6
 
 
 # -----------------------------------------------------------------------------
