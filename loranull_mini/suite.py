@@ -138,6 +138,7 @@ class Study:
         (one thread each)."""
         t0 = time.time()
         tasks = [(variant, method) for variant, methods in self.s["variants"].items() for method in methods]
+        tasks.sort(key=lambda t: (t[0] != next(iter(self.s["variants"])), t[1] not in CONTROLS))  # controls first
         if workers == 1:
             for variant, method in tasks:
                 self.run_method(variant, method)
@@ -300,7 +301,7 @@ class Study:
         batches = [(data.calibration[i:i + 4], None if data.calibration_mask is None else data.calibration_mask[i:i + 4])
                    for i in range(0, len(data.calibration), 4)]
         covariances = calibration.calibrate_blockwise(shared["base"], batches, nullspace.ALL_TARGETS,
-                                                      covariance_device="cpu")
+                                                      dtype=torch.float32, covariance_device="cpu")  # as train.py
         if seed == self.s["seeds"][0] and variant == next(iter(self.s["variants"])):
             diagnostics = self.out / "diagnostics.json"
             if not diagnostics.is_file():
