@@ -240,10 +240,8 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
             b = {k: v.to(device) for k, v in b.items()}
             last = i == len(batches) - 1
             with ddp_model.no_sync() if (world > 1 and not last) else contextlib.nullcontext():
-                scored = (b["loss_mask"] > 0) & (b["targets"] != -100)  # the answer tokens: logits only there
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits, _ = ddp_model(b["idx"], pad_mask=b["pad_mask"], logits_at=scored)  # (N, V)
-                total, _ = masked_nll(logits[None], b["targets"][scored][None])
+                    total = answer_nll_sum(ddp_model, b)
                 loss = total / n_tokens.to(device)          # this micro-batch's share of the global mean
                 (loss * world).backward()                    # DDP averages gradients over processes
             step_loss += loss.detach().cpu()
@@ -296,6 +294,14 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def answer_nll_sum(model, batch: dict) -> torch.Tensor:
+    """The summed NLL of a collated batch's answer tokens (the loss of the training step), with
+    the vocabulary projection computed at those positions only."""
+    scored = (batch["loss_mask"] > 0) & (batch["targets"] != -100)
+    logits, _ = model(batch["idx"], pad_mask=batch["pad_mask"], logits_at=scored)  # (N, V)
+    return masked_nll(logits[None], batch["targets"][scored][None])[0]
 
 
 @torch.no_grad()

@@ -16,10 +16,11 @@ from torch import nn
 
 import lora
 import nullspace as ns
+import train
 from loranull_mini.checkpoint import permute_interleaved_to_half
 from loranull_mini.data import Example, collate
 from model import (PROJECTIONS, Attention, FeedForward, KVCache, ModelConfig, RMSNorm, Transformer, apply_rotary,
-                   masked_nll, rotary_cos_sin)
+                   rotary_cos_sin)
 from tests import numpy_port as npp
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
@@ -203,9 +204,8 @@ def run_lora_train_step(e, d):
     examples = [Example([int(i) for i in row if i >= 0], int(n)) for row, n in zip(d["example_ids"], d["n_prompt"])]
     batch = collate(examples, pad_id=0)
     idx, targets, loss_mask, pad = (batch[k] for k in ("idx", "targets", "loss_mask", "pad_mask"))
-    scored = (loss_mask > 0) & (targets != -100)
-    logits, _ = model(idx, pad_mask=pad, logits_at=scored)               # as train.finetune computes its loss
-    total, count = masked_nll(logits[None], targets[scored][None])
+    total = train.answer_nll_sum(model, batch)                             # the training step's loss
+    count = ((loss_mask > 0) & (targets != -100)).sum()
     loss = total / count
     loss.backward()
     with torch.no_grad():

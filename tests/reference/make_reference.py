@@ -35,10 +35,11 @@ from torch import nn  # noqa: E402
 
 import lora  # noqa: E402
 import nullspace as ns  # noqa: E402
+import train  # noqa: E402
 from loranull_mini.checkpoint import permute_half_to_interleaved, permute_interleaved_to_half  # noqa: E402
 from loranull_mini.data import Example, collate  # noqa: E402
 from model import (PROJECTIONS, Attention, FeedForward, KVCache, ModelConfig, RMSNorm,  # noqa: E402
-                   Transformer, apply_rotary, masked_nll, rotary_cos_sin)
+                   Transformer, apply_rotary, rotary_cos_sin)
 
 FORMAT = 1
 TINY = dict(dim=16, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=19, hidden_dim=32, norm_eps=1e-5,
@@ -573,9 +574,9 @@ def case_train_step(weights):
         layers[name] = layer
     lora.mark_only_lora_trainable(model)
     model.train()
-    scored = (t(loss_mask) > 0) & (t(targets) != -100)
-    logits, _ = model(t(idx), pad_mask=t(pad), logits_at=scored)          # train.finetune's loss
-    total, count = masked_nll(logits[None], t(targets)[scored][None])
+    batch = {"idx": t(idx), "targets": t(targets), "loss_mask": t(loss_mask), "pad_mask": t(pad)}
+    total = train.answer_nll_sum(model, batch)                            # the training step's loss
+    count = ((batch["loss_mask"] > 0) & (batch["targets"] != -100)).sum()
     loss = total / count
     loss.backward()
     c.out("loss", loss, atol=1e-5, rtol=1e-5)
