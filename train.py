@@ -112,7 +112,10 @@ def main(argv=None) -> dict:
     out = Path(cfg.out or f"runs/{cfg.preset}-{cfg.init}{'-fa' if cfg.freeze_a else ''}")
     if not cfg.resume and (out / runstate.CHECKPOINT).is_file():
         raise FileExistsError(f"{out / runstate.CHECKPOINT} exists: pass --resume to continue it, or choose another --out")
-    resumed = runstate.read_checkpoint(out / runstate.CHECKPOINT, dataclasses.asdict(cfg)) if cfg.resume else None
+    resumed = None
+    if cfg.resume:  # the checkpoint and the metrics log it continues, both verified before anything loads
+        resumed = runstate.read_checkpoint(out / runstate.CHECKPOINT, dataclasses.asdict(cfg))
+        resumed["metrics"] = runstate.read_metrics(out / runstate.METRICS, resumed["step"])
     torch.manual_seed(cfg.seed)
 
     # 1. the model and the data (process 0 fetches or builds cached assets first)
@@ -192,7 +195,8 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
     Every eval_every steps (and at the end): the held-out task loss, the knowledge
     disturbance, and evaluate(model)'s numbers when given (a study's measurements; progress=False
     hides the progress bar). Every ckpt_every steps a
-    checkpoint goes to `out` (None: no files). The run stops, keeping the last good
+    checkpoint goes to `out` (None: no files); `resumed` is runstate.read_checkpoint's state
+    with the metrics rows it continues under "metrics". The run stops, keeping the last good
     checkpoint, when the loss or the weights stop being finite or the held-out loss stays
     above where it started.
     """
@@ -211,7 +215,7 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
         optimizer.load_state_dict(resumed["optimizer"])
         runstate.set_random_states(resumed["rng"][min(proc, len(resumed["rng"]) - 1)], device)
         start, first = resumed["step"], resumed["start"]
-        metrics = runstate.read_metrics(out / runstate.METRICS, start)
+        metrics = list(resumed["metrics"])
         log(f"resumed    from step {start}")
     watch = DivergenceWatch(first["heldout_loss"])
 
