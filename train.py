@@ -195,10 +195,11 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
     Every eval_every steps (and at the end): the held-out task loss, the knowledge
     disturbance, and evaluate(model)'s numbers when given (a study's measurements; progress=False
     hides the progress bar). Every ckpt_every steps a
-    checkpoint goes to `out` (None: no files); `resumed` is runstate.read_checkpoint's state
-    with the metrics rows it continues under "metrics". The run stops, keeping the last good
-    checkpoint, when the loss or the weights stop being finite or the held-out loss stays
-    above where it started.
+    checkpoint goes to `out` (None: no files), once its weights have given a finite loss in
+    the next step (the last one: a finite final evaluation); `resumed` is
+    runstate.read_checkpoint's state with the metrics rows it continues under "metrics". The
+    run stops, keeping the last good checkpoint, when the loss or the weights stop being
+    finite or the held-out loss stays above where it started.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     energies = {name: nullspace.output_energy(original_weight(layer), covariances[name]) for name, layer in layers.items()}
@@ -224,6 +225,7 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
                dynamic_ncols=True)
     model.train()
     tokens_seen, t_train = 0, time.time()
+    due = None  # (step, random states) of a checkpoint whose weights have not yet given a loss
     for step in bar:
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
@@ -256,6 +258,9 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
             raise FloatingPointError(f"loss is {step_loss.item()} at step {step + 1}; {good_checkpoint(out)}: "
                                      f"lower --lr and --resume")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
+        if due is not None:  # its weights just gave a finite loss: a good checkpoint
+            save_checkpoint(out, *due, model, optimizer, cfg, metrics, first, proc)
+            due = None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if not all(torch.isfinite(p).all() for p in params):
@@ -280,11 +285,9 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
                     f"{good_checkpoint(out)}: lower --lr (and --resume, or start afresh)")
         metrics.append(row)
         if out is not None and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps) and not watch.suspicious:
-            rng = runstate.all_random_states(device, world)      # a collective: every process takes part
-            if proc == 0:
-                runstate.write_metrics(out / runstate.METRICS, metrics)  # first: resume drops rows past the checkpoint
-                runstate.save_checkpoint(out / runstate.CHECKPOINT, step + 1, lora.lora_state_dict(model), optimizer,
-                                         dataclasses.asdict(cfg), rng, first)
+            due = (step + 1, runstate.all_random_states(device, world))  # a collective: every process takes part
+            if step + 1 == cfg.steps:  # no next step: the final evaluation tried these weights
+                save_checkpoint(out, *due, model, optimizer, cfg, metrics, first, proc)
     bar.close()
     if watch.suspicious:
         raise FloatingPointError(f"the held-out loss ended above {watch.limit:.4f}, 10% over where it started: "
@@ -380,6 +383,16 @@ class DivergenceWatch:
     def diverged(self, loss: float) -> bool:
         self.count = self.count + 1 if not loss <= self.limit else 0  # NaN counts as above
         return self.count >= self.patience
+
+
+def save_checkpoint(out: Path, step: int, rng: list, model, optimizer, cfg: TrainConfig, metrics: list, start: dict,
+                    proc: int):
+    """The metrics log up to `step`, then the checkpoint of `step` (process 0 writes). Called
+    before the next optimizer step, so the adapters and the optimizer are still those of `step`."""
+    if proc == 0:
+        runstate.write_metrics(out / runstate.METRICS, metrics)  # first: resume drops rows past the checkpoint
+        runstate.save_checkpoint(out / runstate.CHECKPOINT, step, lora.lora_state_dict(model), optimizer,
+                                 dataclasses.asdict(cfg), rng, start)
 
 
 def good_checkpoint(out) -> str:
