@@ -195,11 +195,11 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
     Every eval_every steps (and at the end): the held-out task loss, the knowledge
     disturbance, and evaluate(model)'s numbers when given (a study's measurements; progress=False
     hides the progress bar). Every ckpt_every steps a
-    checkpoint goes to `out` (None: no files), once its weights have given a finite loss in
-    the next step (the last one: a finite final evaluation); `resumed` is
+    checkpoint goes to `out` (None: no files), once its weights have given a finite loss and
+    a gradient in the next step (the last one: a finite final evaluation); `resumed` is
     runstate.read_checkpoint's state with the metrics rows it continues under "metrics". The
     run stops, keeping the last good checkpoint, when the loss or the weights stop being
-    finite or the held-out loss stays above where it started.
+    finite, the gradient vanishes, or the held-out loss stays above where it started.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     energies = {name: nullspace.output_energy(original_weight(layer), covariances[name]) for name, layer in layers.items()}
@@ -257,8 +257,13 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
         if not torch.isfinite(step_loss):
             raise FloatingPointError(f"loss is {step_loss.item()} at step {step + 1}; {good_checkpoint(out)}: "
                                      f"lower --lr and --resume")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
-        if due is not None:  # its weights just gave a finite loss: a good checkpoint
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if float(grad_norm) == 0:
+            raise FloatingPointError(f"the gradient is exactly zero at step {step + 1} (loss {step_loss.item():.4f}): "
+                                     f"the model's outputs no longer depend on the adapter (its activations "
+                                     f"overflowed at lr {cfg.lr:g}); {good_checkpoint(out)}: lower --lr (and "
+                                     f"--resume, or start afresh)")
+        if due is not None:  # its weights just gave a finite loss and a gradient: a good checkpoint
             save_checkpoint(out, *due, model, optimizer, cfg, metrics, first, proc)
             due = None
         optimizer.step()
