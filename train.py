@@ -225,6 +225,7 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
                dynamic_ncols=True)
     model.train()
     tokens_seen, t_train = 0, time.time()
+    tokens = metrics[-1].get("tokens", 0) if metrics else 0   # real tokens trained on since step 0, all processes
     due = None  # (step, random states) of a checkpoint whose weights have not yet given a loss
     for step in bar:
         lr = get_lr(step, cfg)
@@ -272,10 +273,10 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
             raise FloatingPointError(f"the adapter weights are not finite after step {step + 1} (lr {lr:.3g}); "
                                      f"{good_checkpoint(out)}: lower --lr and --resume")
 
-        tokens_seen += int(counts[1])
+        tokens_seen, tokens = tokens_seen + int(counts[1]), tokens + int(counts[1])
         rate = tokens_seen / (time.time() - t_train)
         row = {"step": step + 1, "loss": step_loss.item(), "lr": lr, "grad_norm": float(grad_norm),
-               "tokens_per_s": rate}
+               "tokens": tokens, "tokens_per_s": rate}
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             row.update(evaluation(model, data.heldout[:cfg.eval_examples], pad_id, cfg, device, autocast_dtype,

@@ -85,14 +85,21 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
         run(tmp_path, "--init", "null", name="crashed")
     saved = torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 4                                   # the last checkpoint before the crash
+    started = json.loads((tmp_path / "crashed" / "run.json").read_text())
+    assert started["resumes"] == [] and started["config"]["steps"] == 12
     monkeypatch.setattr(train, "get_lr", real_get_lr)
-    resumed = run(tmp_path, "--init", "null", "--resume", name="crashed")
+    resumed = run(tmp_path, "--init", "null", "--resume", "--ckpt-every", "2", name="crashed")
     a, b = adapter_tensors(full["out"]), adapter_tensors(resumed["out"])
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    steps = [json.loads(l)["step"] for l in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 13))
+    rows = [json.loads(l) for l in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    # the count of real tokens goes on from the checkpoint's, as in the uninterrupted run
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in full["metrics"]]
+    # run.json keeps the settings the run started with and records the resume
+    record = json.loads((tmp_path / "crashed" / "run.json").read_text())
+    assert record == {"config": started["config"], "resumes": [{"step": 4, "changed": {"ckpt_every": 2}}]}
 
 
 def test_resume_refuses_changed_settings_and_fresh_run_refuses_to_overwrite(tmp_path):
