@@ -131,9 +131,22 @@ def test_loss_mask_leaves_prompt_tokens_out_of_the_loss():
     torch.testing.assert_close(model(batch["idx"], other, batch["loss_mask"])[1], loss)
 
 
-def test_data_parallel_matches_one_process(tmp_path):
+def train_two_processes(args, out):
+    """train.py under torchrun with 2 processes, one thread each."""
     if shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None:
         pytest.fail("torchrun not found next to the Python interpreter")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    ddp = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
+                          "--master_port", str(free_port()), str(ROOT / "train.py"), *args, "--out", str(out)],
+                         env=env, capture_output=True, text=True, cwd=ROOT)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+
+
+def metrics_rows(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_data_parallel_matches_one_process(tmp_path):
     # CorDA: a covariance-based init whose factors are well determined by C (the null basis of a
     # rank-deficient toy C is an arbitrary choice among equal eigenvalues, so it is not compared here)
     args = ["--preset", "toy", "--init", "corda", "--steps", "6", "--batch-size", "16", "--grad-accum", "2",
@@ -141,10 +154,7 @@ def test_data_parallel_matches_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out", str(tmp_path / "one")],
                    check=True, env=env, capture_output=True, cwd=ROOT)
-    ddp = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
-                          "--master_port", str(free_port()), str(ROOT / "train.py"), *args, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, cwd=ROOT)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    train_two_processes(args, tmp_path / "two")
     # the covariances are all-reduced: both runs see the same C, hence the same init
     c1, c2 = load_file(str(tmp_path / "one" / "covariances.safetensors")), load_file(str(tmp_path / "two" / "covariances.safetensors"))
     assert c1.keys() == c2.keys()
@@ -161,6 +171,26 @@ def test_data_parallel_matches_one_process(tmp_path):
         assert abs(x - y) < 1e-4 * abs(x), (l1, l2)
     for k in a1:
         torch.testing.assert_close(a1[k], a2[k], rtol=1e-3, atol=1e-4)
+    # the count of real tokens is the global batches', as in one process
+    assert [r["tokens"] for r in metrics_rows(tmp_path / "two")] == [r["tokens"] for r in metrics_rows(tmp_path / "one")]
+    # every rank's random states are kept; both ranks seeded alike and drew alike (no dropout), so they are equal
+    rng = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["rng"]
+    assert len(rng) == 2 and all(set(states) == {"cpu"} for states in rng)
+    assert torch.equal(rng[0]["cpu"], rng[1]["cpu"])
+
+
+def test_data_parallel_keeps_each_ranks_random_state_and_counts_the_global_tokens(tmp_path):
+    # 15 examples per step split 8 / 7, with dropout: the ranks draw different amounts of
+    # randomness, so their states part, and one rank's token count times 2 is not the global count
+    args = ["--preset", "toy", "--init", "vanilla", "--steps", "4", "--batch-size", "15", "--dropout", "0.1",
+            "--eval-every", "4"]
+    train_two_processes(args, tmp_path / "two")
+    rng = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["rng"]
+    assert len(rng) == 2 and all(set(states) == {"cpu"} for states in rng)
+    assert not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
+    one = train.main(args + ["--out", str(tmp_path / "one")])
+    assert [r["tokens"] for r in metrics_rows(tmp_path / "two")] == [r["tokens"] for r in one["metrics"]]
+    assert one["metrics"][-1]["tokens"] == 4 * 15 * 4                      # 4 steps of 15 examples of 4 tokens
 
 
 def test_bad_input_gives_clear_errors(tmp_path, capsys):
