@@ -101,6 +101,21 @@ def test_a_bad_option_is_refused_before_anything_loads_or_is_written(tmp_path, n
     assert not out.exists()
 
 
+MISSING_FILES = {
+    "data": ("--data", "--data file not found: {}"),
+    "calib-source": ("--calib-source", "--calib-source: neither nq-open, wiki, task nor a file: {}"),
+    "model": ("--model", "--model not found: {}"),
+}
+
+
+@pytest.mark.parametrize("option,message", MISSING_FILES.values(), ids=MISSING_FILES.keys())
+def test_an_option_naming_a_missing_file_is_refused_before_anything_loads(tmp_path, nothing_loads, option, message):
+    missing, out = tmp_path / "no-such-file", tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=re.escape(message.format(missing))):
+        train.main([option, str(missing), "--out", str(out)])
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("init", ["vanilla", "top", "space"])
 def test_weight_decay_is_allowed_with_the_inits_that_keep_W_whole(init):
     cfg = train.check_config(train.parse_args(["--preset", "toy", "--init", init, "--weight-decay", "0.01"]))
@@ -166,6 +181,60 @@ def test_a_diverging_resume_keeps_the_last_good_checkpoint_and_training_goes_on_
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in result["metrics"][12:])
 
 
+class AdamWThatBreaksAtStep6(torch.optim.AdamW):
+    """AdamW whose sixth step leaves an infinite weight."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        self.steps_taken = getattr(self, "steps_taken", 0) + 1
+        if self.steps_taken == 6:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return loss
+
+
+def test_non_finite_weights_after_a_step_stop_the_run_and_keep_the_last_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.optim, "AdamW", AdamWThatBreaksAtStep6)
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"the adapter weights are not finite after step 6 \(lr .*\); the "
+                                                 rf"checkpoint {re.escape(str(out))}/checkpoint.pt \(step 4\) is from before"):
+        train.main(QUICK + ["--out", str(out)])
+    saved = torch.load(out / runstate.CHECKPOINT, weights_only=True)
+    assert saved["step"] == 4 and all(torch.isfinite(t).all() for t in saved["adapters"].values())
+    assert not (out / "adapter").exists()
+
+
+HELD_OUT_LOSSES = {  # the held-out loss at steps 0, 6 and 12 of QUICK -> the error, the checkpoint kept
+    "stays-above": ([1.0, 2.0, 2.0], r"the held-out loss 2.0000 has stayed above 1.1000 \(the starting 1.0000 \+ 10%\) "
+                                     r"for 2 evaluations: the run diverged at lr 0.01", 4),
+    "nan-counts-as-above": ([1.0, float("nan"), float("nan")], r"the held-out loss nan has stayed above 1.1000", 4),
+    "ends-above": ([1.0, 1.0, 2.0], r"the held-out loss ended above 1.1000, 10% over where it started: the run did "
+                                    r"not learn at lr 0.01", 8),
+}
+
+
+@pytest.mark.parametrize("losses,message,kept", HELD_OUT_LOSSES.values(), ids=HELD_OUT_LOSSES.keys())
+def test_a_held_out_loss_above_the_start_stops_the_run_and_no_checkpoint_is_written_meanwhile(tmp_path, monkeypatch,
+                                                                                              losses, message, kept):
+    calls = iter(losses)
+    monkeypatch.setattr(train, "heldout_loss", lambda *args: next(calls))
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=f"{message}.*the checkpoint {re.escape(str(out))}/checkpoint.pt "
+                                                 rf"\(step {kept}\) is from before and is good"):
+        train.main(QUICK + ["--out", str(out)])
+    assert torch.load(out / runstate.CHECKPOINT, weights_only=True)["step"] == kept
+    assert not (out / "adapter").exists()
+
+
+def test_the_checkpoint_writer_refuses_non_finite_adapters_and_writes_nothing(tmp_path):
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    adapters = {"layers.0.attention.wq.A": torch.ones(2, 3), "layers.0.attention.wq.B": torch.full((3, 2), float("inf"))}
+    with pytest.raises(FloatingPointError, match=r"adapter tensors \['layers.0.attention.wq.B'\] are not finite: "
+                                                 rf"checkpoint {re.escape(str(tmp_path))}/checkpoint.pt not written"):
+        runstate.save_checkpoint(tmp_path / runstate.CHECKPOINT, 1, adapters, optimizer, {}, [], {})
+    assert not list(tmp_path.iterdir())
+
+
 # ----------------------------------------------------------------------------- damaged files
 def tamper(path):
     state = torch.load(path, weights_only=True)
@@ -228,6 +297,14 @@ def test_a_damaged_toy_model_file_is_an_error_naming_it_and_how_to_restore_it(tm
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=f"{re.escape(str(damaged))}: sha256 .* is not the toy model's .*"
                                          f"`git checkout -- loranull_mini/toy_model.safetensors`"):
+        train.main(QUICK + ["--out", str(out)])
+    assert not out.exists()
+
+
+def test_a_missing_toy_model_file_is_an_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(toy, "MODEL_FILE", tmp_path / "toy_model.safetensors")
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=f"toy model file not found: {re.escape(str(tmp_path))}"):
         train.main(QUICK + ["--out", str(out)])
     assert not out.exists()
 
