@@ -172,6 +172,11 @@ def layer_only_in_the_tensors(tensors, cfg):
     return tensors, {**cfg, "layers": cfg["layers"][1:]}
 
 
+def narrower_inputs(tensors, cfg):
+    """The q projection's adapter made for 32 inputs instead of 64."""
+    return {k: v[:, :32].contiguous() if k.startswith("layers.0.attention.wq.A") else v for k, v in tensors.items()}, cfg
+
+
 def module_that_does_not_exist(tensors, cfg):
     copied = {k.replace("layers.0.", "layers.7.", 1): v.clone() for k, v in tensors.items() if k.startswith("layers.0.")}
     return {**tensors, **copied}, {**cfg, "layers": sorted({*cfg["layers"], *(k.rsplit(".", 1)[0] for k in copied)})}
@@ -190,6 +195,11 @@ DAMAGED_ADAPTERS = {  # name: (damage(tensors, config) -> (tensors, config), the
     "module-that-does-not-exist": (module_that_does_not_exist,
                                    r"names layer 'layers.7.attention.wk', which is not a linear layer of this model"),
     "config-is-a-list": (lambda t, c: (t, [c]), r"is not a loranull-mini adapter config \(not a JSON object\)"),
+    "config-without-r": (lambda t, c: (t, {k: v for k, v in c.items() if k != "r"}),
+                         r"is not a loranull-mini adapter config: missing \['r'\]"),
+    "r-not-the-tensors-rank": (lambda t, c: (t, {**c, "r": 3}), r"has shape \(\d+, \d+\), not rank r=3"),
+    "for-another-shape": (narrower_inputs, r"the adapter of layers.0.attention.wq is for a \(64, 32\) weight, "
+                                           r"this model's is \(64, 64\)"),
 }
 
 
@@ -227,3 +237,27 @@ def assert_same_weights(model, reference):
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert torch.equal(ours[k], theirs[k]), k
+
+
+def test_an_unreadable_or_missing_adapter_file_is_a_clear_error(tmp_path):
+    model = trained_adapter("null")
+    save(model, tmp_path / "ours")
+    weights = tmp_path / "ours" / ADAPTER_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cannot read .*adapter.safetensors \(truncated or corrupted\?\)"):
+        load_adapter(random_model(), tmp_path / "ours")
+    export_peft(model, tmp_path / "peft")
+    with pytest.raises(FileNotFoundError, match=r"no adapter.safetensors in .*peft \(this looks like a PEFT export: "
+                                                r"load it with peft\)"):
+        load_adapter(random_model(), tmp_path / "peft")
+
+
+def test_an_adapter_with_non_finite_weights_is_not_saved(tmp_path):
+    model = trained_adapter("null")
+    with torch.no_grad():
+        lora_layers(model)["layers.1.feed_forward.w_up"].B[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"layers.1.feed_forward.w_up.B holds NaN/Inf values; not saved"):
+        save(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"layers.1.feed_forward.w_up.B holds NaN/Inf values; not saved"):
+        export_delta(model, tmp_path / "delta", RUNS[id(model)])
+    assert not list(tmp_path.iterdir())
