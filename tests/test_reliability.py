@@ -169,7 +169,8 @@ def test_a_nan_loss_after_the_first_step_leaves_no_checkpoint_of_the_blown_up_we
     assert not (out / runstate.CHECKPOINT).exists() and not (out / "adapter").exists()
 
 
-@pytest.mark.parametrize("lr,error", [("1e3", "the gradient is exactly zero"), ("1e30", "loss is nan")])
+@pytest.mark.parametrize("lr,error", [("1e3", "the gradient is exactly zero"), ("1e30", "loss is nan")],
+                         ids=["1e3", "1e30"])
 def test_a_diverging_resume_keeps_the_last_good_checkpoint_and_training_goes_on_from_it(run_dir, lr, error):
     kept = {k: v for k, v in files(run_dir).items() if k != runstate.RUN}  # run.json records the attempt
     with pytest.raises(FloatingPointError, match=f"{error}.*the checkpoint {re.escape(str(run_dir))}/checkpoint.pt "
@@ -355,7 +356,8 @@ def test_a_full_disk_is_a_clear_error_and_keeps_the_old_checkpoint(run_dir, monk
 
 
 # ----------------------------------------------------------------------------- missing assets
-@pytest.mark.parametrize("name,args", [("train.py", ["--out", "OUT"]), ("eval.py", ["--adapter", "OUT"])])
+@pytest.mark.parametrize("name,args", [("train.py", ["--out", "OUT"]), ("eval.py", ["--adapter", "OUT"])],
+                         ids=["train.py", "eval.py"])
 def test_without_the_assets_and_the_network_train_and_eval_print_how_to_fetch_them(tmp_path, monkeypatch, name, args):
     for folder in ("cache", "wheels"):
         (tmp_path / folder).mkdir()
