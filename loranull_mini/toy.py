@@ -175,7 +175,7 @@ def load_pretrained(path: Path | None = None, sha256: str | None = MODEL_SHA256)
     if sha256 is not None and digest != sha256:
         raise ValueError(f"{path}: sha256 {digest[:16]}... is not the toy model's {sha256[:16]}...: the file is "
                          f"damaged or another one; restore the shipped file with `git checkout -- "
-                         f"loranull_mini/toy_model.safetensors` (or reinstall loranull-mini)")
+                         f"loranull_mini/toy_model.safetensors`")
     try:
         state = load_file(str(path))
     except Exception as e:
