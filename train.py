@@ -112,7 +112,10 @@ def main(argv=None) -> dict:
     out = Path(cfg.out or f"runs/{cfg.preset}-{cfg.init}{'-fa' if cfg.freeze_a else ''}")
     if not cfg.resume and (out / runstate.CHECKPOINT).is_file():
         raise FileExistsError(f"{out / runstate.CHECKPOINT} exists: pass --resume to continue it, or choose another --out")
-    resumed = runstate.read_checkpoint(out / runstate.CHECKPOINT, dataclasses.asdict(cfg)) if cfg.resume else None
+    resumed = None
+    if cfg.resume:  # the checkpoint and the metrics log it continues, both verified before anything loads
+        resumed = runstate.read_checkpoint(out / runstate.CHECKPOINT, dataclasses.asdict(cfg))
+        resumed["metrics"] = runstate.read_metrics(out / runstate.METRICS, resumed["step"])
     torch.manual_seed(cfg.seed)
 
     # 1. the model and the data (process 0 fetches or builds cached assets first)
@@ -193,9 +196,11 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
     Every eval_every steps (and at the end): the held-out task loss, the knowledge
     disturbance, and evaluate(model)'s numbers when given (a study's measurements; progress=False
     hides the progress bar). Every ckpt_every steps a
-    checkpoint goes to `out` (None: no files). The run stops, keeping the last good
-    checkpoint, when the loss or the weights stop being finite or the held-out loss stays
-    above where it started.
+    checkpoint goes to `out` (None: no files), once its weights have given a finite loss and
+    a gradient in the next step (the last one: a finite final evaluation); `resumed` is
+    runstate.read_checkpoint's state with the metrics rows it continues under "metrics". The
+    run stops, keeping the last good checkpoint, when the loss or the weights stop being
+    finite, the gradient vanishes, or the held-out loss stays above where it started.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     energies = {name: nullspace.output_energy(original_weight(layer), covariances[name]) for name, layer in layers.items()}
@@ -212,7 +217,7 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
         optimizer.load_state_dict(resumed["optimizer"])
         runstate.set_random_states(resumed["rng"][min(proc, len(resumed["rng"]) - 1)], device)
         start, first = resumed["step"], resumed["start"]
-        metrics = runstate.read_metrics(out / runstate.METRICS, start)
+        metrics = list(resumed["metrics"])
         log(f"resumed    from step {start}")
     watch = DivergenceWatch(first["heldout_loss"])
 
@@ -221,6 +226,8 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
                dynamic_ncols=True)
     model.train()
     tokens_seen, t_train = 0, time.time()
+    tokens = metrics[-1].get("tokens", 0) if metrics else 0   # real tokens trained on since step 0, all processes
+    due = None  # (step, random states) of a checkpoint whose weights have not yet given a loss
     for step in bar:
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
@@ -250,17 +257,25 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
         if not torch.isfinite(step_loss):
             raise FloatingPointError(f"loss is {step_loss.item()} at step {step + 1}; {good_checkpoint(out)}: "
                                      f"lower --lr and --resume")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if float(grad_norm) == 0:
+            raise FloatingPointError(f"the gradient is exactly zero at step {step + 1} (loss {step_loss.item():.4f}): "
+                                     f"the model's outputs no longer depend on the adapter (its activations "
+                                     f"overflowed at lr {cfg.lr:g}); {good_checkpoint(out)}: lower --lr (and "
+                                     f"--resume, or start afresh)")
+        if due is not None:  # its weights just gave a finite loss and a gradient: a good checkpoint
+            save_checkpoint(out, *due, model, optimizer, cfg, metrics, first, proc)
+            due = None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if not all(torch.isfinite(p).all() for p in params):
             raise FloatingPointError(f"the adapter weights are not finite after step {step + 1} (lr {lr:.3g}); "
                                      f"{good_checkpoint(out)}: lower --lr and --resume")
 
-        tokens_seen += int(counts[1])
+        tokens_seen, tokens = tokens_seen + int(counts[1]), tokens + int(counts[1])
         rate = tokens_seen / (time.time() - t_train)
         row = {"step": step + 1, "loss": step_loss.item(), "lr": lr, "grad_norm": float(grad_norm),
-               "tokens_per_s": rate}
+               "tokens": tokens, "tokens_per_s": rate}
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             row.update(evaluation(model, data.heldout[:cfg.eval_examples], pad_id, cfg, device, autocast_dtype,
@@ -275,11 +290,9 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
                     f"{good_checkpoint(out)}: lower --lr (and --resume, or start afresh)")
         metrics.append(row)
         if out is not None and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps) and not watch.suspicious:
-            rng = runstate.all_random_states(device, world)      # a collective: every process takes part
-            if proc == 0:
-                runstate.write_metrics(out / runstate.METRICS, metrics)  # first: resume drops rows past the checkpoint
-                runstate.save_checkpoint(out / runstate.CHECKPOINT, step + 1, lora.lora_state_dict(model), optimizer,
-                                         dataclasses.asdict(cfg), rng, first)
+            due = (step + 1, runstate.all_random_states(device, world))  # a collective: every process takes part
+            if step + 1 == cfg.steps:  # no next step: the final evaluation tried these weights
+                save_checkpoint(out, *due, model, optimizer, cfg, metrics, first, proc)
     bar.close()
     if watch.suspicious:
         raise FloatingPointError(f"the held-out loss ended above {watch.limit:.4f}, 10% over where it started: "
@@ -383,6 +396,16 @@ class DivergenceWatch:
     def diverged(self, loss: float) -> bool:
         self.count = self.count + 1 if not loss <= self.limit else 0  # NaN counts as above
         return self.count >= self.patience
+
+
+def save_checkpoint(out: Path, step: int, rng: list, model, optimizer, cfg: TrainConfig, metrics: list, start: dict,
+                    proc: int):
+    """The metrics log up to `step`, then the checkpoint of `step` (process 0 writes). Called
+    before the next optimizer step, so the adapters and the optimizer are still those of `step`."""
+    if proc == 0:
+        runstate.write_metrics(out / runstate.METRICS, metrics)  # first: resume drops rows past the checkpoint
+        runstate.save_checkpoint(out / runstate.CHECKPOINT, step, lora.lora_state_dict(model), optimizer,
+                                 dataclasses.asdict(cfg), rng, start)
 
 
 def good_checkpoint(out) -> str:

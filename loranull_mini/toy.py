@@ -163,17 +163,19 @@ def pretrain_toy(cfg: ToyPretrainConfig = ToyPretrainConfig(), log=print) -> Tra
     return model.eval()
 
 
-def load_pretrained(path: Path = MODEL_FILE, sha256: str | None = MODEL_SHA256) -> Transformer:
-    """The pre-trained toy model from its file, verified (sha256, tensor names, shapes, finite)."""
+def load_pretrained(path: Path | None = None, sha256: str | None = MODEL_SHA256) -> Transformer:
+    """The pre-trained toy model from its file (default MODEL_FILE), verified (sha256, tensor
+    names, shapes, finite)."""
     from safetensors.torch import load_file
     tok = ToyTokenizer()
+    path = MODEL_FILE if path is None else path
     if not Path(path).is_file():
         raise FileNotFoundError(f"toy model file not found: {path}")
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     if sha256 is not None and digest != sha256:
         raise ValueError(f"{path}: sha256 {digest[:16]}... is not the toy model's {sha256[:16]}...: the file is "
-                         f"damaged or another one; restore it (git checkout) or rebuild it with "
-                         f"`python -m loranull_mini.toy pretrain`")
+                         f"damaged or another one; restore the shipped file with `git checkout -- "
+                         f"loranull_mini/toy_model.safetensors`")
     try:
         state = load_file(str(path))
     except Exception as e:

@@ -3,11 +3,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lora import lora_layers
 from loranull_mini.adapter_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, base_fingerprint,
                                       export_delta, export_peft, load_adapter, save_adapter)
+from loranull_mini.files import tensors_sha256
 from nullspace import inject_adapters
 from tests.conftest import random_model
 from tests.test_lora import ALL, calibration_covariances, logits, random_tokens, train_steps
@@ -151,3 +152,112 @@ def test_peft_export_loads_into_peft_on_the_original_hf_weights_with_the_same_lo
     with torch.no_grad():
         theirs = peft_model(idx).logits
     torch.testing.assert_close(theirs, logits(model, idx), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- damaged adapters
+def drop(*suffixes):
+    return lambda tensors, cfg: ({k: v for k, v in tensors.items() if not k.endswith(suffixes)}, cfg)
+
+
+def first_value(value):
+    def damage(tensors, cfg):
+        key = sorted(tensors)[0]
+        t = tensors[key].clone()
+        t.view(-1)[0] = value
+        return {**tensors, key: t}, cfg
+    return damage
+
+
+def layer_only_in_the_tensors(tensors, cfg):
+    return tensors, {**cfg, "layers": cfg["layers"][1:]}
+
+
+def narrower_inputs(tensors, cfg):
+    """The q projection's adapter made for 32 inputs instead of 64."""
+    return {k: v[:, :32].contiguous() if k.startswith("layers.0.attention.wq.A") else v for k, v in tensors.items()}, cfg
+
+
+def module_that_does_not_exist(tensors, cfg):
+    copied = {k.replace("layers.0.", "layers.7.", 1): v.clone() for k, v in tensors.items() if k.startswith("layers.0.")}
+    return {**tensors, **copied}, {**cfg, "layers": sorted({*cfg["layers"], *(k.rsplit(".", 1)[0] for k in copied)})}
+
+
+DAMAGED_ADAPTERS = {  # name: (damage(tensors, config) -> (tensors, config), the error it gives)
+    "no-A0-B0": (drop(".A0", ".B0"), r"does not hold the tensors its config needs \(init 'null', 14 layers\): "
+                                     r"missing \['layers.0.attention.wk.A0'"),
+    "extra-tensor": (lambda t, c: ({**t, "layers.0.attention.wq.C": torch.zeros(4, 4)}, c),
+                     r"unexpected \['layers.0.attention.wq.C'\]"),
+    "layer-only-in-the-tensors": (layer_only_in_the_tensors, r"13 layers\): unexpected \['layers.0.attention.wk.A'"),
+    "nan": (first_value(float("nan")), r"layers.0.attention.wk.A holds NaN/Inf values"),
+    "int32": (lambda t, c: ({**t, "layers.1.feed_forward.w_up.B": t["layers.1.feed_forward.w_up.B"].int()}, c),
+              r"layers.1.feed_forward.w_up.B is torch.int32, expected torch.float32"),
+    "missing-B": (drop("layers.1.attention.wq.B"), r"missing \['layers.1.attention.wq.B'\]"),
+    "module-that-does-not-exist": (module_that_does_not_exist,
+                                   r"names layer 'layers.7.attention.wk', which is not a linear layer of this model"),
+    "config-is-a-list": (lambda t, c: (t, [c]), r"is not a loranull-mini adapter config \(not a JSON object\)"),
+    "config-without-r": (lambda t, c: (t, {k: v for k, v in c.items() if k != "r"}),
+                         r"is not a loranull-mini adapter config: missing \['r'\]"),
+    "r-not-the-tensors-rank": (lambda t, c: (t, {**c, "r": 3}), r"has shape \(\d+, \d+\), not rank r=3"),
+    "for-another-shape": (narrower_inputs, r"the adapter of layers.0.attention.wq is for a \(64, 32\) weight, "
+                                           r"this model's is \(64, 64\)"),
+}
+
+
+@pytest.mark.parametrize("damage,message", DAMAGED_ADAPTERS.values(), ids=DAMAGED_ADAPTERS.keys())
+def test_a_damaged_adapter_is_a_clear_error_and_leaves_the_model_unchanged(tmp_path, damage, message):
+    save(trained_adapter("null"), tmp_path)
+    cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    tensors, cfg = damage(load_file(str(tmp_path / ADAPTER_WEIGHTS)), cfg)
+    if isinstance(cfg, dict):  # the sha256 fits the damaged tensors: only the check under test can notice
+        cfg["tensors_sha256"] = tensors_sha256(tensors)
+    save_file(tensors, str(tmp_path / ADAPTER_WEIGHTS))
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    model = random_model()
+    with pytest.raises(ValueError, match=message):
+        load_adapter(model, tmp_path)
+    assert not lora_layers(model)
+    assert_same_weights(model, random_model())
+
+
+def test_an_adapter_changed_after_saving_fails_its_sha256_and_leaves_the_model_unchanged(tmp_path):
+    save(trained_adapter("null"), tmp_path)
+    tensors = load_file(str(tmp_path / ADAPTER_WEIGHTS))
+    tensors["layers.0.attention.wq.B"][0, 0] += 1e-3
+    save_file(tensors, str(tmp_path / ADAPTER_WEIGHTS))
+    model = random_model()
+    with pytest.raises(ValueError, match="does not match the sha256 recorded in .*adapter_config.json: "
+                                         "the file was changed or damaged after it was saved"):
+        load_adapter(model, tmp_path)
+    assert not lora_layers(model)
+    assert_same_weights(model, random_model())
+
+
+def assert_same_weights(model, reference):
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+
+
+def test_an_unreadable_or_missing_adapter_file_is_a_clear_error(tmp_path):
+    model = trained_adapter("null")
+    save(model, tmp_path / "ours")
+    weights = tmp_path / "ours" / ADAPTER_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cannot read .*adapter.safetensors \(truncated or corrupted\?\)"):
+        load_adapter(random_model(), tmp_path / "ours")
+    export_peft(model, tmp_path / "peft")
+    with pytest.raises(FileNotFoundError, match=r"no adapter.safetensors in .*peft \(this looks like a PEFT export: "
+                                                r"load it with peft\)"):
+        load_adapter(random_model(), tmp_path / "peft")
+
+
+def test_an_adapter_with_non_finite_weights_is_not_saved(tmp_path):
+    model = trained_adapter("null")
+    with torch.no_grad():
+        lora_layers(model)["layers.1.feed_forward.w_up"].B[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"layers.1.feed_forward.w_up.B holds NaN/Inf values; not saved"):
+        save(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"layers.1.feed_forward.w_up.B holds NaN/Inf values; not saved"):
+        export_delta(model, tmp_path / "delta", RUNS[id(model)])
+    assert not list(tmp_path.iterdir())

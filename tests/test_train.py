@@ -85,14 +85,21 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
         run(tmp_path, "--init", "null", name="crashed")
     saved = torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 4                                   # the last checkpoint before the crash
+    started = json.loads((tmp_path / "crashed" / "run.json").read_text())
+    assert started["resumes"] == [] and started["config"]["steps"] == 12
     monkeypatch.setattr(train, "get_lr", real_get_lr)
-    resumed = run(tmp_path, "--init", "null", "--resume", name="crashed")
+    resumed = run(tmp_path, "--init", "null", "--resume", "--ckpt-every", "2", name="crashed")
     a, b = adapter_tensors(full["out"]), adapter_tensors(resumed["out"])
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    steps = [json.loads(l)["step"] for l in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 13))
+    rows = [json.loads(l) for l in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    # the count of real tokens goes on from the checkpoint's, as in the uninterrupted run
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in full["metrics"]]
+    # run.json keeps the settings the run started with and records the resume
+    record = json.loads((tmp_path / "crashed" / "run.json").read_text())
+    assert record == {"config": started["config"], "resumes": [{"step": 4, "changed": {"ckpt_every": 2}}]}
 
 
 def test_resume_refuses_changed_settings_and_fresh_run_refuses_to_overwrite(tmp_path):
@@ -124,9 +131,22 @@ def test_loss_mask_leaves_prompt_tokens_out_of_the_loss():
     torch.testing.assert_close(model(batch["idx"], other, batch["loss_mask"])[1], loss)
 
 
-def test_data_parallel_matches_one_process(tmp_path):
+def train_two_processes(args, out):
+    """train.py under torchrun with 2 processes, one thread each."""
     if shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None:
         pytest.fail("torchrun not found next to the Python interpreter")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    ddp = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
+                          "--master_port", str(free_port()), str(ROOT / "train.py"), *args, "--out", str(out)],
+                         env=env, capture_output=True, text=True, cwd=ROOT)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+
+
+def metrics_rows(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_data_parallel_matches_one_process(tmp_path):
     # CorDA: a covariance-based init whose factors are well determined by C (the null basis of a
     # rank-deficient toy C is an arbitrary choice among equal eigenvalues, so it is not compared here)
     args = ["--preset", "toy", "--init", "corda", "--steps", "6", "--batch-size", "16", "--grad-accum", "2",
@@ -134,10 +154,7 @@ def test_data_parallel_matches_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--out", str(tmp_path / "one")],
                    check=True, env=env, capture_output=True, cwd=ROOT)
-    ddp = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
-                          "--master_port", str(free_port()), str(ROOT / "train.py"), *args, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, cwd=ROOT)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    train_two_processes(args, tmp_path / "two")
     # the covariances are all-reduced: both runs see the same C, hence the same init. The
     # per-batch products are float32 and the processes split the windows into other batches,
     # so the two agree to float32 rounding (the float64 sums add no error of their own)
@@ -156,6 +173,26 @@ def test_data_parallel_matches_one_process(tmp_path):
         assert abs(x - y) < 1e-4 * abs(x), (l1, l2)
     for k in a1:
         torch.testing.assert_close(a1[k], a2[k], rtol=1e-3, atol=1e-4)
+    # the count of real tokens is the global batches', as in one process
+    assert [r["tokens"] for r in metrics_rows(tmp_path / "two")] == [r["tokens"] for r in metrics_rows(tmp_path / "one")]
+    # every rank's random states are kept; both ranks seeded alike and drew alike (no dropout), so they are equal
+    rng = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["rng"]
+    assert len(rng) == 2 and all(set(states) == {"cpu"} for states in rng)
+    assert torch.equal(rng[0]["cpu"], rng[1]["cpu"])
+
+
+def test_data_parallel_keeps_each_ranks_random_state_and_counts_the_global_tokens(tmp_path):
+    # 15 examples per step split 8 / 7, with dropout: the ranks draw different amounts of
+    # randomness, so their states part, and one rank's token count times 2 is not the global count
+    args = ["--preset", "toy", "--init", "vanilla", "--steps", "4", "--batch-size", "15", "--dropout", "0.1",
+            "--eval-every", "4"]
+    train_two_processes(args, tmp_path / "two")
+    rng = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["rng"]
+    assert len(rng) == 2 and all(set(states) == {"cpu"} for states in rng)
+    assert not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
+    one = train.main(args + ["--out", str(tmp_path / "one")])
+    assert [r["tokens"] for r in metrics_rows(tmp_path / "two")] == [r["tokens"] for r in one["metrics"]]
+    assert one["metrics"][-1]["tokens"] == 4 * 15 * 4                      # 4 steps of 15 examples of 4 tokens
 
 
 def test_bad_input_gives_clear_errors(tmp_path, capsys):
