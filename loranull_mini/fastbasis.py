@@ -19,7 +19,7 @@ The default method ("krylov"):
 2. Work with the inverse operator A = (C + mu I)^-1 (two triangular solves per use). Its
    largest eigenvalues 1 / (lambda_i + mu) belong to the smallest lambda_i, well separated
    from the rest even when the lambda_i span 12 decades.
-3. Block Krylov space of A from a block V (n, b) of b = max(2r, r + 8) orthonormal vectors
+3. Block Krylov space of A from a block V (n, b) of b = r + max(4, r // 2) orthonormal vectors
    (random at first, from a fixed seed): K = [V, A V, A^2 V, ..., A^q V], orthonormalised
    block by block, dimension m = b (q + 1). Plain block inverse iteration keeps only A^q V;
    keeping all blocks gives Chebyshev-like acceleration, which matters here because the
@@ -136,6 +136,12 @@ def _cholesky(C64: Tensor, mu: float, attempts: int = 4) -> tuple[Tensor | None,
     return None, mu
 
 
+def _solve(L: Tensor, B: Tensor) -> Tensor:
+    """(C + mu I)^-1 B = L^-T (L^-1 B): two triangular solves (faster than cholesky_solve on
+    a few columns, which copies its operands)."""
+    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, B, upper=False), upper=True)
+
+
 def _orthonormal_against(W: Tensor, K: Tensor | None) -> Tensor:
     """Orthonormal columns (n, k) spanning W's part outside span(K), K (n, m) orthonormal:
     block Gram-Schmidt twice ("twice is enough"), then QR."""
@@ -187,7 +193,7 @@ def smallest_eigenvectors(C: Tensor, r: int, *, method: str = "krylov", block: i
         max|C - C^T| / max|C| above symmetry_tol (default max(1e-6, 16 eps of C's dtype))
         raise ValueError.
     method: "krylov" (default), "subspace", "eigh32" or "eigh" (exact); see the module docstring.
-    block: b, the block size (default max(2r, r + 8)); steps: q, the solves per Krylov cycle.
+    block: b, the block size (default r + max(4, r // 2)); steps: q, the solves per Krylov cycle.
     max_cycles: cycles before the exact eigh takes over; tol: the relative energy excess the
         stopping test aims at (an estimate, see the module docstring).
     seed: of the random start block (CPU generator, so the result is the same on any device
@@ -200,14 +206,14 @@ def smallest_eigenvectors(C: Tensor, r: int, *, method: str = "krylov", block: i
         converged: the stopping test passed; cycles, solves: work done (a solve = one
               application of A to a block); excess_estimate: the last estimated relative
               excess (sum of estimates / E(U)); shift: mu.
-    When the iterative solver is not worth it (b (q + 1) > n / 2, e.g. r close to n) the exact
-    eigh is used directly.
+    When the iterative solver is not worth it, b (q + 1) > n / 4 (e.g. r >= 32 for n = 576,
+    r >= 128 for n = 1536), the exact eigh is used directly.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     C64 = _checked(C, r, symmetry_tol)
     n = C64.shape[0]
-    b = max(2 * r, r + 8) if block is None else block
+    b = r + max(4, r // 2) if block is None else block
     if not r <= b:
         raise ValueError(f"block={b} must be at least r={r}")
     info = {"used": method, "fallback": None, "converged": False, "cycles": 0, "solves": 0,
@@ -221,8 +227,8 @@ def smallest_eigenvectors(C: Tensor, r: int, *, method: str = "krylov", block: i
     if method == "eigh":
         return exact("method='eigh'")
     width = b * (steps + 1) if method != "subspace" else b
-    if width > n // 2:
-        return exact(f"block too large for n: {width} Krylov vectors > n / 2 = {n // 2}")
+    if width > n // 4:  # measured: from about there on the exact eigh is as fast
+        return exact(f"block too large for n: {width} Krylov vectors > n / 4 = {n // 4}")
     trace = float(C64.diagonal().sum())
     if not trace > 0:  # a PSD matrix with zero trace is 0: every basis is exact
         return exact("trace(C) <= 0")
@@ -246,7 +252,7 @@ def smallest_eigenvectors(C: Tensor, r: int, *, method: str = "krylov", block: i
     for cycle in range(max_cycles + 1):
         # One solve serves both the next Krylov block (A V) and the test of the last Ritz pairs (A R).
         rhs = V if R is None else torch.cat([V, R], 1)
-        X = torch.cholesky_solve(rhs, L)  # (n, b [+ r]) = (C + mu I)^-1 rhs
+        X = _solve(L, rhs)  # (n, b [+ r]) = (C + mu I)^-1 rhs
         info["solves"] += 1
         if R is not None:
             estimate = _excess_estimate(R, X[:, b:], theta[:r], mu, float(theta[b - 1]))
@@ -266,7 +272,7 @@ def smallest_eigenvectors(C: Tensor, r: int, *, method: str = "krylov", block: i
             for step in range(steps):
                 K = torch.cat([K, _orthonormal_against(Ablock, K)], 1)
                 if step + 1 < steps:
-                    Ablock = torch.cholesky_solve(K[:, -b:], L)
+                    Ablock = _solve(L, K[:, -b:])
                     info["solves"] += 1
             # Once the space is (nearly) invariant, A^k V lies (nearly) inside the previous
             # blocks and Gram-Schmidt leaves rounding noise, normalised: not orthogonal to
@@ -286,12 +292,13 @@ def smallest_eigenvectors(C: Tensor, r: int, *, method: str = "krylov", block: i
 
 
 # ----------------------------------------------------------------------------- the acceptance test
-def energy_gap(U: Tensor, C: Tensor) -> dict:
+def energy_gap(U: Tensor, C: Tensor, eigenvalues: Tensor | None = None) -> dict:
     """How far the captured energy of U (n, r) is from its minimum, all in float64.
 
     energy = trace(U^T C U) (U orthonormal), minimum = sum of C's r smallest eigenvalues
-    (float64 eigvalsh), excess = energy - minimum, relative = excess / minimum, and
-    floor = r * eps * trace(C). U passes when excess <= 0.01 * minimum + floor.
+    (float64 eigvalsh, or the ascending `eigenvalues` when already known), excess = energy -
+    minimum, relative = excess / minimum, floor = r * eps * trace(C).
+    U passes ("ok") when excess <= 0.01 * minimum + floor.
 
     Why a floor: float64 rounding perturbs every computed eigenvalue, and every computed
     u^T C u, by about eps * ||C||_2 <= eps * trace(C). A covariance with exact zero
@@ -303,11 +310,135 @@ def energy_gap(U: Tensor, C: Tensor) -> dict:
     C64 = C.detach().to(torch.float64)
     U64 = U.detach().to(device=C64.device, dtype=torch.float64)
     r = U64.shape[1]
+    if eigenvalues is None:
+        eigenvalues = torch.linalg.eigvalsh(C64)
     trace = float(C64.diagonal().sum())
     energy = float(((C64 @ U64) * U64).sum())
-    minimum = float(torch.linalg.eigvalsh(C64)[:r].sum())
+    minimum = float(eigenvalues[:r].sum())
     excess = energy - minimum
     floor = r * EPS * trace
     return {"energy": energy, "minimum": minimum, "excess": excess, "trace": trace, "floor": floor,
             "relative": excess / minimum if minimum > 0 else math.inf,
             "ok": excess <= 0.01 * minimum + floor}
+
+
+# ----------------------------------------------------------------------------- measurement
+def measure(covariances: dict[str, Tensor], ranks=(8, 16), methods=("krylov",), repeats: int = 3,
+            table: bool = True) -> dict:
+    """Time and accuracy of the solver against float64 eigh on each covariance; prints a table.
+
+    covariances: {name: C}; entries that are the same tensor object are measured once.
+    For each C the runs are interleaved, eigh, fast(method, r) for every method and r, eigh,
+    ..., `repeats` times, and each time is the median of its runs. Returns {"rows": [...],
+    "summary": {(method, r): {...}}}: per width n and overall, the worst relative excess
+    of the captured energy over the minimum, the fallbacks, and the summed median times.
+    """
+    import statistics
+    import time
+
+    distinct = {}
+    for name, C in covariances.items():
+        distinct.setdefault(id(C), (name, C))
+    runs = [(method, r) for method in methods for r in ranks]
+    if table:
+        head = " ".join(f"{'min/tr':>8} {'excess':>8} {'solves':>6}" for _ in runs)
+        print(f"{'layer (distinct input)':<30} {'n':>5} | {head} | {'eigh ms':>8} "
+              + " ".join(f"{m[:6] + ' r' + str(r):>11}" for m, r in runs))
+    rows = []
+    for name, C in distinct.values():
+        times = {key: [] for key in [("eigh", 0), *runs]}
+        results = {}
+        for _ in range(repeats):
+            start = time.perf_counter()
+            eigenvalues, _ = torch.linalg.eigh(C)
+            times[("eigh", 0)].append(time.perf_counter() - start)
+            for method, r in runs:
+                start = time.perf_counter()
+                results[(method, r)] = smallest_eigenvectors(C, r, method=method, return_info=True)
+                times[(method, r)].append(time.perf_counter() - start)
+        row = {"name": name, "n": C.shape[0], "seconds": {k: statistics.median(v) for k, v in times.items()}}
+        for key, (U, info) in results.items():
+            row[key] = {**energy_gap(U, C, eigenvalues), "info": info}
+        rows.append(row)
+        if table:
+            cells = " ".join(f"{row[k]['minimum'] / row[k]['trace']:8.1e} {row[k]['relative']:8.1e} "
+                             f"{row[k]['info']['solves'] if row[k]['info']['fallback'] is None else 'eigh':>6}"
+                             for k in runs)
+            print(f"{name:<30} {row['n']:>5} | {cells} | {row['seconds'][('eigh', 0)] * 1e3:8.1f} "
+                  + " ".join(f"{row['seconds'][k] * 1e3:11.1f}" for k in runs), flush=True)
+    summary = {}
+    for key in runs:
+        for width in sorted({row["n"] for row in rows}) + ["all"]:
+            sel = [row for row in rows if width == "all" or row["n"] == width]
+            eigh_s = sum(row["seconds"][("eigh", 0)] for row in sel)
+            fast_s = sum(row["seconds"][key] for row in sel)
+            summary[(*key, width)] = {
+                "count": len(sel), "worst_relative": max(row[key]["relative"] for row in sel),
+                "all_ok": all(row[key]["ok"] for row in sel),
+                "fallbacks": sum(row[key]["info"]["fallback"] is not None for row in sel),
+                "max_solves": max(row[key]["info"]["solves"] for row in sel),
+                "eigh_s": eigh_s, "fast_s": fast_s, "ratio": fast_s / eigh_s}
+    return {"rows": rows, "summary": summary}
+
+
+def print_summary(summary: dict):
+    print(f"{'method':<9} {'r':>3} {'n':>5} {'inputs':>6} {'worst excess':>12} {'all <= 1%':>9} "
+          f"{'fallbacks':>9} {'max solves':>10} {'eigh s':>8} {'fast s':>8} {'fast/eigh':>9}")
+    for (method, r, width), s in summary.items():
+        print(f"{method:<9} {r:>3} {width!s:>5} {s['count']:>6} {s['worst_relative']:>12.2e} "
+              f"{'yes' if s['all_ok'] else 'NO':>9} {s['fallbacks']:>9} {s['max_solves']:>10} "
+              f"{s['eigh_s']:>8.2f} {s['fast_s']:>8.2f} {s['ratio']:>9.3f}")
+
+
+def smollm2_covariances(windows: int = 32, seq_len: int = 256, with_heldout: bool = False) -> dict:
+    """{layer: C} of SmolLM2-135M with train.py's default calibration: `windows` windows of
+    seq_len tokens of NQ-open calibration questions, in batches of 4, float64 covariances.
+    with_heldout: append the held-out NQ-open questions to the text, for more windows than
+    the calibration split holds (~68 of 256 tokens); only to measure better-conditioned C."""
+    import nullspace
+    from loranull_mini import data
+    from loranull_mini.checkpoint import load_model
+
+    model, tok = load_model(require_tokenizer=True)
+    texts = [row["question"] for row in data.nq_open("calibration")]
+    if with_heldout:
+        texts += [row["question"] for row in data.nq_open("heldout")]
+    calib = data.calibration_windows(tok, texts, windows, seq_len)
+    return nullspace.collect_covariances(model, [calib[i:i + 4] for i in range(0, windows, 4)])
+
+
+def main(argv=None):
+    import argparse
+    import datetime
+    import platform
+    import time
+
+    parser = argparse.ArgumentParser(description="smallest_eigenvectors against float64 eigh on "
+                                     "every distinct input covariance of SmolLM2-135M")
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
+                        help="torch threads; several values time the same covariances once each")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--methods", nargs="+", default=["krylov"], choices=METHODS[:-1])
+    parser.add_argument("--windows", type=int, default=32, help="calibration windows of 256 tokens")
+    parser.add_argument("--with-heldout", action="store_true",
+                        help="also use held-out NQ-open questions (needed beyond ~68 windows)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-table", action="store_true", help="only the summary")
+    args = parser.parse_args(argv)
+
+    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}  torch {torch.__version__}  {platform.machine()}  "
+          f"{os.cpu_count()} CPUs  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    start = time.perf_counter()
+    covariances = smollm2_covariances(args.windows, with_heldout=args.with_heldout)
+    print(f"calibration: {args.windows} windows x 256 tokens, {len({id(C) for C in covariances.values()})} "
+          f"distinct covariances in {time.perf_counter() - start:.0f} s")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f"\n== {threads} thread(s); times are medians of {args.repeats}, interleaved with eigh")
+        result = measure(covariances, args.ranks, args.methods, args.repeats, table=not args.no_table)
+        print()
+        print_summary(result["summary"])
+
+
+if __name__ == "__main__":
+    main()

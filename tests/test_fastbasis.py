@@ -54,7 +54,7 @@ def assert_energy_within_bound(U, C):
     assert energy - minimum <= 0.01 * minimum + floor, (energy, minimum, floor)
 
 
-n = 300
+n = 400
 SPECTRA = {
     # 60 nearly equal smallest eigenvalues (spread 6e-5), far more than the block holds
     "cluster": lambda: from_spectrum(torch.cat([1e-4 * (1 + 1e-6 * torch.arange(60, dtype=F64)),
@@ -194,7 +194,7 @@ def test_fallback_after_max_cycles_gives_the_exact_eigh_answer():
 
 
 def test_fallback_when_cholesky_fails_on_an_indefinite_matrix():
-    eigenvalues = torch.cat([torch.tensor([-1.0, -0.5], dtype=F64), torch.logspace(-3, 0, 98, dtype=F64)])
+    eigenvalues = torch.cat([torch.tensor([-1.0, -0.5], dtype=F64), torch.logspace(-3, 0, 198, dtype=F64)])
     C = from_spectrum(eigenvalues, 2)
     U, info = fb.smallest_eigenvectors(C, 4, return_info=True)
     assert info["used"] == "eigh" and info["fallback"].startswith("Cholesky failed")
@@ -203,7 +203,7 @@ def test_fallback_when_cholesky_fails_on_an_indefinite_matrix():
 
 def test_exact_eigh_when_the_krylov_space_would_not_fit():
     C = separated(r=4, n=40)
-    U, info = fb.smallest_eigenvectors(C, 8, return_info=True)  # 4 blocks of 16 > 40 / 2
+    U, info = fb.smallest_eigenvectors(C, 8, return_info=True)  # 4 blocks of 12 > 40 / 4
     assert info["used"] == "eigh" and info["fallback"].startswith("block too large")
     assert torch.equal(U, exact_basis(C, 8))
 
