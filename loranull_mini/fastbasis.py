@@ -20,8 +20,8 @@ The default method ("krylov"):
    largest eigenvalues 1 / (lambda_i + mu) belong to the smallest lambda_i, well separated
    from the rest even when the lambda_i span 12 decades.
 3. Block Krylov space of A from a block V (n, b) of b = r + max(4, r // 2) orthonormal vectors
-   (random at first, from a fixed seed): K = [V, A V, A^2 V, ..., A^q V], orthonormalised
-   block by block, dimension m = b (q + 1). Plain block inverse iteration keeps only A^q V;
+   (random at first, from a fixed seed): K = [V, A V, A^2 V, ..., A^q V] (q = 4 by default),
+   orthonormalised block by block, dimension m = b (q + 1). Plain block inverse iteration keeps only A^q V;
    keeping all blocks gives Chebyshev-like acceleration, which matters here because the
    bottom of a covariance spectrum is often flat (lambda_17 / lambda_8 ~ 1.07).
 4. Rayleigh-Ritz with C itself in float64: eigh of the small (m, m) matrix H = K^T C K,
@@ -182,7 +182,7 @@ def _excess_estimate(R: Tensor, AR: Tensor, theta: Tensor, mu: float, theta_top:
 
 # ----------------------------------------------------------------------------- the solver
 def smallest_eigenvectors(C: Tensor, r: int, *, method: str = "krylov", block: int | None = None,
-                          steps: int = 3, max_cycles: int = 8, tol: float = 1e-3, seed: int = 0,
+                          steps: int = 4, max_cycles: int = 8, tol: float = 1e-3, seed: int = 0,
                           symmetry_tol: float | None = None, return_info: bool = False):
     """U (n, r) float64 on C's device: orthonormal columns spanning (approximately) the
     eigenvectors of C with the r smallest eigenvalues, sorted by ascending Ritz value
@@ -206,8 +206,8 @@ def smallest_eigenvectors(C: Tensor, r: int, *, method: str = "krylov", block: i
         converged: the stopping test passed; cycles, solves: work done (a solve = one
               application of A to a block); excess_estimate: the last estimated relative
               excess (sum of estimates / E(U)); shift: mu.
-    When the iterative solver is not worth it, b (q + 1) > n / 4 (e.g. r >= 32 for n = 576,
-    r >= 128 for n = 1536), the exact eigh is used directly.
+    When the iterative solver is not worth it, b (q + 1) > n / 4 (with the defaults: from
+    r = 20 for n = 576, from r = 52 for n = 1536), the exact eigh is used directly.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")

@@ -54,7 +54,7 @@ def assert_energy_within_bound(U, C):
     assert energy - minimum <= 0.01 * minimum + floor, (energy, minimum, floor)
 
 
-n = 400
+n = 480
 SPECTRA = {
     # 60 nearly equal smallest eigenvalues (spread 6e-5), far more than the block holds
     "cluster": lambda: from_spectrum(torch.cat([1e-4 * (1 + 1e-6 * torch.arange(60, dtype=F64)),
@@ -79,7 +79,7 @@ SPECTRA = {
 }
 
 
-def separated(r=8, n=200, seed=0):
+def separated(r=8, n=240, seed=0):
     """r distinct small eigenvalues in [1e-3, 2e-3], then a gap of 500x to the rest."""
     return from_spectrum(torch.cat([torch.linspace(1e-3, 2e-3, r, dtype=F64),
                                     torch.logspace(0, 1, n - r, dtype=F64)]), seed)
@@ -203,7 +203,7 @@ def test_fallback_when_cholesky_fails_on_an_indefinite_matrix():
 
 def test_exact_eigh_when_the_krylov_space_would_not_fit():
     C = separated(r=4, n=40)
-    U, info = fb.smallest_eigenvectors(C, 8, return_info=True)  # 4 blocks of 12 > 40 / 4
+    U, info = fb.smallest_eigenvectors(C, 8, return_info=True)  # 5 blocks of 12 > 40 / 4
     assert info["used"] == "eigh" and info["fallback"].startswith("block too large")
     assert torch.equal(U, exact_basis(C, 8))
 
@@ -230,7 +230,7 @@ def test_other_methods(method):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_any_float_dtype_in_float64_out(dtype):
-    C = separated(r=8, n=200).to(dtype)
+    C = separated().to(dtype)
     U = fb.smallest_eigenvectors(C, 8)
     assert U.dtype == F64 and U.device == C.device
     assert_energy_within_bound(U, C.to(F64))
