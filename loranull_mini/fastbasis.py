@@ -68,6 +68,7 @@ if __name__ == "__main__":  # before torch loads: spinning OpenMP threads hurt a
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import math  # noqa: E402
+import numbers  # noqa: E402
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -84,7 +85,7 @@ def _checked(C: Tensor, r: int, symmetry_tol: float | None) -> Tensor:
     if not C.is_floating_point():
         raise ValueError(f"covariance must be a real floating-point tensor, got {C.dtype}")
     n = C.shape[0]
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= n:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= n:
         raise ValueError(f"rank r={r!r} must be an integer with 1 <= r <= n = {n}")
     C64 = C.detach().to(torch.float64)  # no copy when C is float64 already
     # A sum is finite only if every term is: one reduction, and the element-wise test only
@@ -216,6 +217,8 @@ def smallest_eigenvectors(C: Tensor, r: int, *, method: str = "krylov", block: i
     b = r + max(4, r // 2) if block is None else block
     if not r <= b:
         raise ValueError(f"block={b} must be at least r={r}")
+    if steps < 1 or max_cycles < 0:
+        raise ValueError(f"steps={steps} must be >= 1 and max_cycles={max_cycles} >= 0")
     info = {"used": method, "fallback": None, "converged": False, "cycles": 0, "solves": 0,
             "excess_estimate": math.inf, "shift": 0.0}
 
@@ -274,10 +277,11 @@ def smallest_eigenvectors(C: Tensor, r: int, *, method: str = "krylov", block: i
                 if step + 1 < steps:
                     Ablock = _solve(L, K[:, -b:])
                     info["solves"] += 1
-            # Once the space is (nearly) invariant, A^k V lies (nearly) inside the previous
-            # blocks and Gram-Schmidt leaves rounding noise, normalised: not orthogonal to
-            # them. A Householder QR of the whole basis is orthonormal in any case, and spans
-            # the same space when there is no such breakdown.
+            # Breakdown: once the space is invariant, A^k V lies inside the earlier blocks
+            # (or its columns are dependent), Gram-Schmidt leaves zeros or rounding noise, and
+            # the QR of such a block need not be orthogonal to the earlier ones. A Householder
+            # QR of the whole basis is orthonormal in any case, and spans the same space when
+            # there is no breakdown.
             K = torch.linalg.qr(K).Q
         theta, V, CV = _rayleigh_ritz(C64, K, b)  # (b,), (n, b), (n, b)
         R = CV[:, :r] - V[:, :r] * theta[:r]

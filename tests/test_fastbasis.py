@@ -4,7 +4,7 @@ Every result is checked against float64 eigh, with the acceptance test written o
 (not taken from the module): the captured energy trace(U^T C U) may exceed the minimum, the
 sum of the r smallest eigenvalues, by 1% of it plus a floor of r * eps * trace(C).
 """
-import math
+import functools
 
 import pytest
 import torch
@@ -79,6 +79,12 @@ SPECTRA = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def spectrum(name):
+    """SPECTRA[name](), built once per session (the solver never writes to C)."""
+    return SPECTRA[name]()
+
+
 def separated(r=8, n=240, seed=0):
     """r distinct small eigenvalues in [1e-3, 2e-3], then a gap of 500x to the rest."""
     return from_spectrum(torch.cat([torch.linspace(1e-3, 2e-3, r, dtype=F64),
@@ -98,9 +104,9 @@ def test_projector_matches_eigh_on_a_separated_spectrum():
 
 
 @pytest.mark.parametrize("r", [1, 8, 16])
-@pytest.mark.parametrize("spectrum", list(SPECTRA))
-def test_captured_energy_within_one_percent_of_the_minimum(spectrum, r):
-    C = SPECTRA[spectrum]()
+@pytest.mark.parametrize("name", list(SPECTRA))
+def test_captured_energy_within_one_percent_of_the_minimum(name, r):
+    C = spectrum(name)
     U, info = fb.smallest_eigenvectors(C, r, return_info=True)
     assert info["fallback"] is None  # the iterative solver did it, not the exact eigh
     assert U.shape == (n, r) and U.dtype == F64
@@ -108,7 +114,7 @@ def test_captured_energy_within_one_percent_of_the_minimum(spectrum, r):
 
 
 def test_energy_gap_flags_a_bad_basis_and_passes_the_exact_one():
-    C = SPECTRA["12_decades"]()
+    C = spectrum("12_decades")
     Q = torch.linalg.eigh(C).eigenvectors
     assert fb.energy_gap(Q[:, :8], C)["ok"]
     bad = fb.energy_gap(Q[:, 1:9], C)  # skips the smallest eigenvector
@@ -126,9 +132,9 @@ INVARIANT = {
 
 
 @pytest.mark.parametrize("r", [1, 8])
-@pytest.mark.parametrize("spectrum", ["rank_deficient", "12_decades", *INVARIANT])
-def test_columns_are_orthonormal(spectrum, r):
-    C = INVARIANT[spectrum]() if spectrum in INVARIANT else SPECTRA[spectrum]()
+@pytest.mark.parametrize("name", ["rank_deficient", "12_decades", *INVARIANT])
+def test_columns_are_orthonormal(name, r):
+    C = INVARIANT[name]() if name in INVARIANT else spectrum(name)
     U, info = fb.smallest_eigenvectors(C, r, return_info=True)
     assert info["fallback"] is None
     assert (U.T @ U - torch.eye(r, dtype=F64)).abs().max() < 1e-10
@@ -182,7 +188,7 @@ def exact_basis(C, r):
 
 
 def test_fallback_after_max_cycles_gives_the_exact_eigh_answer():
-    C = SPECTRA["flat"]()
+    C = spectrum("flat")
     U, info = fb.smallest_eigenvectors(C, 8, max_cycles=0, return_info=True)
     assert info["used"] == "eigh" and not info["converged"]
     assert info["fallback"].startswith("not converged after 0 cycles")
@@ -209,7 +215,7 @@ def test_exact_eigh_when_the_krylov_space_would_not_fit():
 
 
 def test_deterministic_and_seeded():
-    C = SPECTRA["12_decades_gram"]()
+    C = spectrum("12_decades_gram")
     U1 = fb.smallest_eigenvectors(C, 8)
     torch.randn(10)  # the global generator plays no part
     U2 = fb.smallest_eigenvectors(C, 8)
@@ -221,7 +227,7 @@ def test_deterministic_and_seeded():
 
 @pytest.mark.parametrize("method", ["subspace", "eigh32", "eigh"])
 def test_other_methods(method):
-    C = SPECTRA["12_decades"]()
+    C = spectrum("12_decades")
     U, info = fb.smallest_eigenvectors(C, 8, method=method, max_cycles=40, return_info=True)
     assert info["used"] == method and (info["fallback"] is None or method == "eigh")
     assert (U.T @ U - torch.eye(8, dtype=F64)).abs().max() < 1e-10
@@ -243,6 +249,6 @@ def test_cuda():
     assert U.is_cuda and U.dtype == F64 and info["used"] == "krylov" and info["fallback"] is None
     Q = exact_basis(C, 8)
     assert (U.cpu() @ U.cpu().T - Q @ Q.T).abs().max() < 1e-8
-    C = SPECTRA["12_decades_gram"]()
+    C = spectrum("12_decades_gram")
     U = fb.smallest_eigenvectors(C.cuda().float(), 8)
     assert_energy_within_bound(U.cpu(), C.float().to(F64))
