@@ -35,10 +35,9 @@ import torch.distributed as dist  # noqa: E402
 
 import lora  # noqa: E402
 import nullspace  # noqa: E402
-from loranull_mini import adapter_io, calibration, metrics, runstate  # noqa: E402
+from loranull_mini import adapter_io, calibration, devices, metrics, report, runstate  # noqa: E402
 from loranull_mini import data as datasets  # noqa: E402
-from loranull_mini.devices import pick_device  # noqa: E402
-from loranull_mini.files import save_figure, write_json  # noqa: E402
+from loranull_mini.files import write_json  # noqa: E402
 from model import PROJECTIONS, masked_nll  # noqa: E402
 
 
@@ -106,8 +105,8 @@ PRESETS = {  # defaults of --preset toy (flags given on the command line still w
 def main(argv=None) -> dict:
     cfg = argv if isinstance(argv, TrainConfig) else parse_args(argv)
     cfg = check_config(cfg)                           # every option, before anything loads
-    proc, world = setup_distributed()                 # this process's rank among `world` processes
-    device, autocast_dtype = pick_device(cfg.device, cfg.dtype)
+    proc, world = devices.setup_distributed()                 # this process's rank among `world` processes
+    device, autocast_dtype = devices.pick_device(cfg.device, cfg.dtype)
     log = print if proc == 0 else (lambda *a, **k: None)
     out = Path(cfg.out or f"runs/{cfg.preset}-{cfg.init}{'-fa' if cfg.freeze_a else ''}")
     if not cfg.resume and (out / runstate.CHECKPOINT).is_file():
@@ -150,7 +149,7 @@ def main(argv=None) -> dict:
                                                       distributed=world > 1)
         layers = restore_adapters(model, resumed["adapters"], cfg, targets)
     if cfg.save_covariances and proc == 0:
-        save_covariances(out / "covariances.safetensors", covariances)
+        runstate.save_covariances(out / "covariances.safetensors", covariances)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     log(f"init       calibration and adapter {'init' if resumed is None else 'restore'}: {time.time() - t0:.1f}s")
@@ -172,7 +171,7 @@ def main(argv=None) -> dict:
                       "base_fingerprint": fingerprint, "steps_trained": cfg.steps}
         adapter_io.save_adapter(model, out / "adapter", run_config)
         adapter_io.export_delta(model, out / "adapter-delta", run_config)
-        plot_losses(out / "loss.png", [{"step": 0, **result["start"]}] + metrics,
+        report.plot_run(out / "loss.png", [{"step": 0, **result["start"]}] + metrics,
                     f"{cfg.init}{' (A frozen)' if cfg.freeze_a else ''}, r={cfg.rank}")
         summary = {"task_loss_before": result["start"]["heldout_loss"], "task_loss_after": metrics[-1]["heldout_loss"],
                    **forgetting.measure(model)}
@@ -219,7 +218,7 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
         start, first = resumed["step"], resumed["start"]
         metrics = list(resumed["metrics"])
         log(f"resumed    from step {start}")
-    watch = DivergenceWatch(first["heldout_loss"])
+    watch = runstate.DivergenceWatch(first["heldout_loss"])
 
     from tqdm import tqdm
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=proc != 0 or not progress,
@@ -255,22 +254,22 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
         if world > 1:
             dist.all_reduce(step_loss)
         if not torch.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss.item()} at step {step + 1}; {good_checkpoint(out)}: "
+            raise FloatingPointError(f"loss is {step_loss.item()} at step {step + 1}; {runstate.good_checkpoint(out)}: "
                                      f"lower --lr and --resume")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if float(grad_norm) == 0:
             raise FloatingPointError(f"the gradient is exactly zero at step {step + 1} (loss {step_loss.item():.4f}): "
                                      f"the model's outputs no longer depend on the adapter (its activations "
-                                     f"overflowed at lr {cfg.lr:g}); {good_checkpoint(out)}: lower --lr (and "
+                                     f"overflowed at lr {cfg.lr:g}); {runstate.good_checkpoint(out)}: lower --lr (and "
                                      f"--resume, or start afresh)")
         if due is not None:  # its weights just gave a finite loss and a gradient: a good checkpoint
-            save_checkpoint(out, *due, model, optimizer, cfg, metrics, first, proc)
+            runstate.save_state(out, *due, model, optimizer, dataclasses.asdict(cfg), metrics, first, proc)
             due = None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if not all(torch.isfinite(p).all() for p in params):
             raise FloatingPointError(f"the adapter weights are not finite after step {step + 1} (lr {lr:.3g}); "
-                                     f"{good_checkpoint(out)}: lower --lr and --resume")
+                                     f"{runstate.good_checkpoint(out)}: lower --lr and --resume")
 
         tokens_seen, tokens = tokens_seen + int(counts[1]), tokens + int(counts[1])
         rate = tokens_seen / (time.time() - t_train)
@@ -287,16 +286,16 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
                 raise FloatingPointError(
                     f"the held-out loss {row['heldout_loss']:.4f} has stayed above {watch.limit:.4f} (the starting "
                     f"{watch.start:.4f} + 10%) for {watch.patience} evaluations: the run diverged at lr {cfg.lr:g}; "
-                    f"{good_checkpoint(out)}: lower --lr (and --resume, or start afresh)")
+                    f"{runstate.good_checkpoint(out)}: lower --lr (and --resume, or start afresh)")
         metrics.append(row)
         if out is not None and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps) and not watch.suspicious:
             due = (step + 1, runstate.all_random_states(device, world))  # a collective: every process takes part
             if step + 1 == cfg.steps:  # no next step: the final evaluation tried these weights
-                save_checkpoint(out, *due, model, optimizer, cfg, metrics, first, proc)
+                runstate.save_state(out, *due, model, optimizer, dataclasses.asdict(cfg), metrics, first, proc)
     bar.close()
     if watch.suspicious:
         raise FloatingPointError(f"the held-out loss ended above {watch.limit:.4f}, 10% over where it started: "
-                                 f"the run did not learn at lr {cfg.lr:g}; {good_checkpoint(out)}: lower --lr")
+                                 f"the run did not learn at lr {cfg.lr:g}; {runstate.good_checkpoint(out)}: lower --lr")
     return {"metrics": metrics, "start": first}
 
 
@@ -382,40 +381,6 @@ class ForgettingProbe:
                 "forgetting_probe": self.what}
 
 
-class DivergenceWatch:
-    """A held-out loss more than 10% above where it started is suspicious; `patience`
-    suspicious evaluations in a row mean the run diverged."""
-
-    def __init__(self, start: float, patience: int = 2):
-        self.start, self.limit, self.patience, self.count = start, 1.1 * start, patience, 0
-
-    @property
-    def suspicious(self) -> bool:
-        return self.count > 0
-
-    def diverged(self, loss: float) -> bool:
-        self.count = self.count + 1 if not loss <= self.limit else 0  # NaN counts as above
-        return self.count >= self.patience
-
-
-def save_checkpoint(out: Path, step: int, rng: list, model, optimizer, cfg: TrainConfig, metrics: list, start: dict,
-                    proc: int):
-    """The metrics log up to `step`, then the checkpoint of `step` (process 0 writes). Called
-    before the next optimizer step, so the adapters and the optimizer are still those of `step`."""
-    if proc == 0:
-        runstate.write_metrics(out / runstate.METRICS, metrics)  # first: resume drops rows past the checkpoint
-        runstate.save_checkpoint(out / runstate.CHECKPOINT, step, lora.lora_state_dict(model), optimizer,
-                                 dataclasses.asdict(cfg), rng, start)
-
-
-def good_checkpoint(out) -> str:
-    path = None if out is None else Path(out) / runstate.CHECKPOINT
-    if path is None or not path.is_file():
-        return "no checkpoint was written before this point"
-    step = torch.load(path, map_location="cpu", weights_only=True)["step"]
-    return f"the checkpoint {path} (step {step}) is from before and is good"
-
-
 # ----------------------------------------------------------------------------- set-up
 def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -472,17 +437,6 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def setup_distributed():
-    """(process rank, world size); initialises torch.distributed when launched by torchrun.
-    Gloo carries CPU tensors and NCCL CUDA tensors, so small CPU counters can be reduced too."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world
-
-
 @dataclass
 class Data:
     train: list                       # Examples (prompt + answer ids, loss on the answer)
@@ -518,13 +472,18 @@ def load_model_and_data(cfg: TrainConfig, log=print):
 
 
 def calibration_batches(calib, mask, proc: int, world: int, batch_size: int = 4) -> list:
-    """This process's share of the calibration windows (every world-th), as (idx, pad_mask) batches."""
-    if len(calib) < world:
-        raise ValueError(f"{len(calib)} calibration windows for {world} processes: every process needs one")
-    mine = calib[proc::world]
-    keep = None if mask is None else mask[proc::world]
-    return [(mine[i:i + batch_size], None if keep is None else keep[i:i + batch_size])
-            for i in range(0, len(mine), batch_size)]
+    """This process's share of the calibration windows, as (idx, pad_mask) batches.
+
+    The windows are cut into batches first and the batches dealt out (every world-th), so each
+    batch, and its float32 product X^T X, is the same for any number of processes: the summed
+    covariances then differ only in the order of float64 additions.
+    """
+    batches = [(calib[i:i + batch_size], None if mask is None else mask[i:i + batch_size])
+               for i in range(0, len(calib), batch_size)]
+    if len(batches) < world:
+        raise ValueError(f"{len(calib)} calibration windows make {len(batches)} batches of {batch_size} for {world} "
+                         f"processes: every process needs one (raise --calib-samples)")
+    return batches[proc::world]
 
 
 def restore_adapters(model, adapters: dict, cfg: TrainConfig, targets) -> dict:
@@ -540,33 +499,6 @@ def restore_adapters(model, adapters: dict, cfg: TrainConfig, targets) -> dict:
 
 def base_model_name(cfg: TrainConfig) -> str:
     return TOY_MODEL_NAME if cfg.preset == "toy" else (cfg.model or DEFAULT_MODEL_NAME)
-
-
-def save_covariances(path: Path, covariances: dict):
-    """Each distinct covariance once (layers sharing an input share a tensor), atomically."""
-    from safetensors.torch import save_file
-    from loranull_mini.files import atomic_write
-    distinct = {}
-    for name, C in covariances.items():
-        distinct.setdefault(id(C), (name, C))
-    tensors = {name: C.contiguous().cpu() for name, C in distinct.values()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
-
-
-def plot_losses(path: Path, rows: list[dict], title: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "heldout_loss" in r]
-    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
-    ax1.plot([r["step"] for r in evals], [r["heldout_loss"] for r in evals], "o-", label="held-out loss")
-    ax1.set_xlabel("step"), ax1.set_ylabel("answer NLL (nats/token)"), ax1.legend(), ax1.set_title(title)
-    ax2.plot([r["step"] for r in evals], [r["disturbance"] for r in evals], "o-", color="C3")
-    ax2.set_xlabel("step"), ax2.set_ylabel("||dW X|| / ||W X|| (calibration)")
-    ax2.set_title("knowledge disturbance")
-    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""One device picker for train.py, eval.py and the benchmark, with clear errors."""
+"""One device picker for train.py, eval.py and the benchmark, with clear errors; and the
+process group of a torchrun launch."""
 from __future__ import annotations
 
 import os
 
 import torch
+import torch.distributed as dist
 
 
 def pick_device(name: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype | None]:
@@ -31,3 +33,14 @@ def pick_device(name: str = "auto", dtype: str = "auto") -> tuple[torch.device, 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
     return device, (torch.bfloat16 if dtype == "bfloat16" else None)
+
+
+def setup_distributed():
+    """(process rank, world size); initialises torch.distributed when launched by torchrun.
+    Gloo carries CPU tensors and NCCL CUDA tensors, so small CPU counters can be reduced too."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world

@@ -342,3 +342,20 @@ def plot_spectra(path, diag):
     ax.set_xlabel("eigenvalue index (descending)"), ax.set_ylabel("eigenvalue of C / largest")
     ax.set_title("calibration covariance spectra", fontsize=9), ax.legend(fontsize=6), ax.grid(alpha=0.3)
     save_figure(fig, path)
+
+
+def plot_run(path: Path, rows: list[dict], title: str):
+    """One training run: training and held-out loss, and the knowledge disturbance, by step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "heldout_loss" in r]
+    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    ax1.plot([r["step"] for r in evals], [r["heldout_loss"] for r in evals], "o-", label="held-out loss")
+    ax1.set_xlabel("step"), ax1.set_ylabel("answer NLL (nats/token)"), ax1.legend(), ax1.set_title(title)
+    ax2.plot([r["step"] for r in evals], [r["disturbance"] for r in evals], "o-", color="C3")
+    ax2.set_xlabel("step"), ax2.set_ylabel("||dW X|| / ||W X|| (calibration)")
+    ax2.set_title("knowledge disturbance")
+    save_figure(fig, path)

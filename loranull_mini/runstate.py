@@ -4,6 +4,10 @@
                            and a sha256 of the tensors (verified on resume)
     OUT/metrics.jsonl      one JSON row per step (loss, lr, ...), plus the evaluations
     OUT/run.json           the settings the run started with and one entry per resume
+    OUT/covariances.safetensors   the calibration covariances, when asked for
+
+A checkpoint is written only once its weights have given a finite loss and a gradient in the
+next step; a held-out loss that stays above where it started (DivergenceWatch) stops the run.
 
 Every file is replaced atomically (loranull_mini/files.py), and a checkpoint is written only
 from finite adapter weights: a killed or diverged run always leaves the last good state.
@@ -16,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import lora
 from loranull_mini.files import atomic_write, read_json, tensors_sha256, write_json, write_text
 
 CHECKPOINT, METRICS, RUN = "checkpoint.pt", "metrics.jsonl", "run.json"
@@ -90,6 +95,49 @@ def read_checkpoint(path: Path, config: dict) -> dict:
         raise ValueError(f"--steps {config['steps']} is not beyond the checkpoint's step {state['step']} "
                          f"in {path}: nothing left to train")
     return state
+
+
+def save_state(out: Path, step: int, rng: list, model, optimizer, config: dict, metrics: list, start: dict,
+               proc: int):
+    """The metrics log up to `step`, then the checkpoint of `step` (process 0 writes). Called
+    before the next optimizer step, so the adapters and the optimizer are still those of `step`."""
+    if proc == 0:
+        write_metrics(out / METRICS, metrics)  # first: a resume drops the rows past the checkpoint
+        save_checkpoint(out / CHECKPOINT, step, lora.lora_state_dict(model), optimizer, config, rng, start)
+
+
+def good_checkpoint(out) -> str:
+    path = None if out is None else Path(out) / CHECKPOINT
+    if path is None or not path.is_file():
+        return "no checkpoint was written before this point"
+    step = torch.load(path, map_location="cpu", weights_only=True)["step"]
+    return f"the checkpoint {path} (step {step}) is from before and is good"
+
+
+class DivergenceWatch:
+    """A held-out loss more than 10% above where it started is suspicious; `patience`
+    suspicious evaluations in a row mean the run diverged."""
+
+    def __init__(self, start: float, patience: int = 2):
+        self.start, self.limit, self.patience, self.count = start, 1.1 * start, patience, 0
+
+    @property
+    def suspicious(self) -> bool:
+        return self.count > 0
+
+    def diverged(self, loss: float) -> bool:
+        self.count = self.count + 1 if not loss <= self.limit else 0  # NaN counts as above
+        return self.count >= self.patience
+
+
+def save_covariances(path: Path, covariances: dict):
+    """Each distinct covariance once (layers sharing an input share a tensor), atomically."""
+    from safetensors.torch import save_file
+    distinct = {}
+    for name, C in covariances.items():
+        distinct.setdefault(id(C), (name, C))
+    tensors = {name: C.contiguous().cpu() for name, C in distinct.values()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 # ----------------------------------------------------------------------------- metrics and history
