@@ -759,19 +759,23 @@ def meta_ffn_params(dim: int, hidden_dim: int) -> tuple[int, float | None]:
     return hidden_dim, (None if base <= hidden_dim else hidden_dim / base)
 
 
+def _interleaved_tensors(model: Transformer) -> dict:
+    """_our_tensors with the q/k rows turned back to the interleaved rotary layout (Meta, GGUF)."""
+    config, tensors = model.config, _our_tensors(model)
+    for i in range(config.n_layers):
+        for name, heads in ((f"layers.{i}.attention.wq.weight", config.n_heads),
+                            (f"layers.{i}.attention.wk.weight", config.n_kv_heads)):
+            tensors[name] = permute_half_to_interleaved(tensors[name], heads)
+    return tensors
+
+
 def save_meta(model: Transformer, directory) -> None:
     """Write params.json + consolidated.00.pth with Meta names and interleaved q/k rows."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
     ours_to_meta = {ours: theirs for theirs, ours in META_NAMES.items() if ours is not None}
-    tensors = {}
-    for name, tensor in _our_tensors(model).items():
-        if name.endswith("attention.wq.weight"):
-            tensor = permute_half_to_interleaved(tensor, config.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            tensor = permute_half_to_interleaved(tensor, config.n_kv_heads)
-        tensors[rename(name, ours_to_meta)] = tensor
+    tensors = {rename(name, ours_to_meta): tensor for name, tensor in _interleaved_tensors(model).items()}
     _write_pth(directory / "consolidated.00.pth", tensors)
     multiple_of, ffn_dim_multiplier = meta_ffn_params(config.dim, config.hidden_dim)
     params = {
@@ -804,11 +808,7 @@ def save_gguf(model: Transformer, path, *, name: str = "", tokenizer_fields: dic
     config, path = model.config, Path(path)
     ours_to_gguf = {ours: theirs for theirs, ours in GGUF_NAMES.items()}
     tensors = {}
-    for our_name, tensor in _our_tensors(model).items():
-        if our_name.endswith("attention.wq.weight"):
-            tensor = permute_half_to_interleaved(tensor, config.n_heads)
-        elif our_name.endswith("attention.wk.weight"):
-            tensor = permute_half_to_interleaved(tensor, config.n_kv_heads)
+    for our_name, tensor in _interleaved_tensors(model).items():
         array = tensor.float().numpy() if tensor.dim() == 1 else tensor.to(torch.float16).numpy()
         if not np.isfinite(array).all():
             raise CheckpointError(f"{our_name} has values float16 cannot hold (beyond +-65504, or NaN)")
