@@ -175,10 +175,12 @@ def top_space_init(W: Tensor, C: Tensor, r: int, alpha: float, *, generator=None
     return frozen_direction_factors(W, U_top)
 
 
-def space_only_init(W: Tensor, C: Tensor, r: int, alpha: float, *, generator=None):
-    """LoRA-Null's space without its residual: A = U_null.T / sqrt(3), B = 0, W_res = W."""
+def space_only_init(W: Tensor, C: Tensor, r: int, alpha: float, *, U_null: Tensor | None = None, generator=None):
+    """LoRA-Null's space without its residual: A = U_null.T / sqrt(3), B = 0, W_res = W.
+    U_null: the basis when already known (layers sharing C share it)."""
     check_init_inputs(W, C, r, alpha)
-    return frozen_direction_factors(W, null_basis(C.to(W.device), r))
+    U = null_basis(C.to(W.device), r) if U_null is None else U_null.to(W.device, torch.float64)
+    return frozen_direction_factors(W, U)
 
 
 def frozen_direction_factors(W: Tensor, U: Tensor):

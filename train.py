@@ -68,6 +68,10 @@ class TrainConfig:
     calib_source: str = field(default="nq-open", metadata={"help": "calibration text: nq-open, wiki, task (the "
                                                                    "task's own prompts) or a text file (one "
                                                                    "document per blank-line block)"})
+    null_basis: str = field(default="fast", metadata={"help": "how null and space find the r smallest eigenvectors "
+                                                      "of each covariance: fast (fastbasis: Cholesky + block "
+                                                      "Krylov, eigh when it cannot converge) or eigh (exact)",
+                                                      "choices": ["fast", "eigh"]})
     calib_samples: int = field(default=32, metadata={"help": "calibration windows"})
     calib_len: int = field(default=256, metadata={"help": "tokens per calibration window"})
     # optimisation
@@ -143,7 +147,8 @@ def main(argv=None) -> dict:
     if resumed is None:
         layers, covariances = calibration.inject_blockwise(
             model, batches, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
-            freeze_A=cfg.freeze_a, seed=cfg.seed, dtype=torch.float32, distributed=world > 1)
+            freeze_A=cfg.freeze_a, seed=cfg.seed, basis=cfg.null_basis, dtype=torch.float32,
+            distributed=world > 1)
     else:
         covariances = calibration.calibrate_blockwise(model, batches, targets, dtype=torch.float32,
                                                       distributed=world > 1)

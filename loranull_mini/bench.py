@@ -1,4 +1,4 @@
-"""Side by side with Hugging Face transformers + PEFT: python -m loranull_mini.bench
+"""Side by side with Hugging Face transformers + PEFT: python -m loranull_mini.bench [--quick]
 
 One invocation runs both stacks on the same weights (SmolLM2-135M, exported to the HF
 layout and loaded into transformers' LlamaForCausalLM), the same LoRA config (r, alpha,
@@ -6,21 +6,28 @@ all seven projections), the same calibration tokens and the same batches. Every
 measurement alternates the stacks (ours, theirs, ours, theirs, ...), is repeated
 --repeats times, and is reported as medians and the ratio ours / theirs:
 
-1. init time: LoRA-Null (covariances + eigh + factors, block by block) against PEFT's
-   CorDA knowledge-preserved init, its nearest peer (also activation covariances); our
-   PiSSA against PEFT's, with the exact and the randomized SVD;
-2. training: tokens/s of forward + backward + AdamW step, and the peak memory, each
-   stack in a child process of its own so the two peaks do not mix;
+1. init time: LoRA-Null (covariances, the fast null basis, factors, block by block, as
+   train.py) against PEFT's CorDA knowledge-preserved init, its nearest peer (also
+   activation covariances), on the calibration windows and on --calib-scale times as many;
+   our PiSSA against PEFT's, with the exact and the randomized SVD;
+2. training: tokens/s (real tokens, padding excluded) of forward + backward + AdamW on
+   train.py's supervised batches (ASDiv questions in the chat template, loss on the answer
+   tokens only, padded to the batch's longest row), and the peak memory, each stack in a
+   child process of its own so the two peaks do not mix;
 3. generation: tokens/s of greedy batched decoding with the KV cache against HF generate;
 4. calibration overhead: collecting the covariances against a plain forward of the same
    tokens;
 5. distance to the limit: training FLOP/s (counted by `training_flops`) against the dense
    matmul FLOP/s measured in the same processes.
 
-CPU runs float32. On CUDA (--device cuda) both stacks train, calibrate and generate under
-bfloat16 autocast with SDPA. transformers and peft are benchmark/test-only dependencies
-(pip install -e .[test]). Timing on a shared machine is noisy: compare ratios, not
-absolute numbers, and set OMP_WAIT_POLICY=PASSIVE (done below, before torch loads).
+--quick (for CI) measures every row once, on less calibration, fewer steps and tokens.
+
+CPU runs float32 with torch's default threads (set OMP_NUM_THREADS or
+torch.set_num_threads to change them; the table's header says how many ran). On CUDA
+(--device cuda) both stacks train, calibrate and generate under bfloat16 autocast with
+SDPA. transformers and peft are benchmark/test-only dependencies (pip install -e .[test]).
+Timing on a shared machine is noisy: compare ratios, not absolute numbers, and set
+OMP_WAIT_POLICY=PASSIVE (done below, before torch loads).
 """
 from __future__ import annotations
 
@@ -54,8 +61,9 @@ ALL_TARGETS = tuple(PROJECTIONS)
 
 # ----------------------------------------------------------------------------- FLOPs
 def training_flops(config: ModelConfig, r: int, targets=ALL_TARGETS, batch: int = 1, seq_len: int = 1,
-                   freeze_A: bool = False) -> int:
-    """Matmul FLOPs of one LoRA training step (forward + backward) on batch x seq_len tokens.
+                   freeze_A: bool = False, output_tokens: int | None = None) -> int:
+    """Matmul FLOPs of one LoRA training step (forward + backward) on batch x seq_len tokens,
+    of which output_tokens (default all) are projected to the vocabulary.
 
     Convention (the one behind "6 x params x tokens", made honest for a frozen base):
     - a matmul (M, K) @ (K, N) costs 2 M K N; elementwise work (norms, rotary, softmax,
@@ -74,8 +82,9 @@ def training_flops(config: ModelConfig, r: int, targets=ALL_TARGETS, batch: int 
       dP = dO V^T and dV = P^T dO, dS K for dQ and dS^T Q for dK, each as costly as its
       forward product (taken when that input needs a gradient). Recomputation inside
       fused kernels is not counted: these are model FLOPs, not hardware FLOPs;
-    - the output projection (tied to the embedding, frozen): 2 V D per token forward and
-      the same backward for the gradient of the final hidden state.
+    - the output projection (tied to the embedding, frozen): 2 V D per projected token forward
+      and the same backward for the gradient of the final hidden state (a supervised batch
+      whose loss reads only the answer tokens needs them only there: output_tokens).
     """
     D, hd, H, Hkv, F, V = (config.dim, config.head_dim, config.n_heads, config.n_kv_heads,
                            config.hidden_dim, config.vocab_size)
@@ -106,7 +115,8 @@ def training_flops(config: ModelConfig, r: int, targets=ALL_TARGETS, batch: int 
         needs_grad = linear("o", q or k or v) or needs_grad
         gate, up = linear("gate", needs_grad), linear("up", needs_grad)
         needs_grad = linear("down", gate or up) or needs_grad
-    total += 2 * V * D * tokens * (2 if needs_grad else 1)          # output projection
+    projected = tokens if output_tokens is None else output_tokens
+    total += 2 * V * D * projected * (2 if needs_grad else 1)       # output projection
     return total
 
 
@@ -134,9 +144,11 @@ class BenchConfig:
     calib_samples: int = field(default=8, metadata={"help": "calibration windows (NQ-open questions)"})
     calib_len: int = field(default=256, metadata={"help": "tokens per calibration window"})
     calib_batch: int = field(default=4, metadata={"help": "windows per calibration forward (ours; PEFT CorDA takes 1)"})
-    train_batch: int = field(default=4, metadata={"help": "sequences per training step"})
-    train_len: int = field(default=256, metadata={"help": "tokens per training sequence"})
-    train_steps: int = field(default=1, metadata={"help": "timed training steps per repetition"})
+    calib_scale: int = field(default=4, metadata={"help": "the second init row calibrates on this many times "
+                                                          "the calibration windows"})
+    train_batch: int = field(default=8, metadata={"help": "examples per training step (train.py's --batch-size)"})
+    train_len: int = field(default=256, metadata={"help": "longest training sequence (train.py's --max-len)"})
+    train_steps: int = field(default=3, metadata={"help": "timed training steps per repetition"})
     gen_batch: int = field(default=4, metadata={"help": "prompts decoded together"})
     gen_tokens: int = field(default=32, metadata={"help": "new tokens per prompt (greedy)"})
     matmul_size: int = field(default=0, metadata={"help": "n of the n x n matmul for the peak FLOP/s "
@@ -144,23 +156,36 @@ class BenchConfig:
     only: str = field(default="", metadata={"help": "comma-separated subset of "
                                                     "init,pissa,train,generate,calibrate (default: all)"})
     json: str = field(default="", metadata={"help": "also write the results to this JSON file"})
+    quick: bool = field(default=False, metadata={"help": "a short run for CI, every row still measured: "
+                                                         + ", ".join(f"--{k.replace('_', '-')} {v}"
+                                                                     for k, v in {"repeats": 1, "calib_samples": 4,
+                                                                                  "calib_len": 128, "train_steps": 1,
+                                                                                  "gen_tokens": 8,
+                                                                                  "matmul_size": 1024}.items())
+                                                         + " unless given"})
 
 
+QUICK = {"repeats": 1, "calib_samples": 4, "calib_len": 128, "train_steps": 1, "gen_tokens": 8, "matmul_size": 1024}
 GROUPS = ("init", "pissa", "train", "generate", "calibrate")
 
 
 def parse_args(argv=None) -> BenchConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(BenchConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
+            continue
         kind = {"int": int, "float": float, "str": str}[f.type]
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS,
                             help=f"{f.metadata['help']} (default: {f.default!r})")
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    given = vars(parser.parse_args(argv))
+    cfg = BenchConfig(**{**(QUICK if given.get("quick") else {}), **given})
     unknown = set(filter(None, cfg.only.split(","))) - set(GROUPS)
     if unknown:
         parser.error(f"--only: unknown group(s) {sorted(unknown)}; choose from {GROUPS}")
-    if cfg.repeats < 1 or cfg.train_steps < 1:
-        parser.error("--repeats and --train-steps must be at least 1")
+    if cfg.repeats < 1 or cfg.train_steps < 1 or cfg.calib_scale < 1:
+        parser.error("--repeats, --train-steps and --calib-scale must be at least 1")
     return cfg
 
 
@@ -223,44 +248,64 @@ class Stacks:
     theirs: torch.nn.Module               # transformers' LlamaForCausalLM
     hf_dir: Path                          # the exported weights both were loaded from
     calib: torch.Tensor                   # (calib_samples, calib_len) calibration windows
-    train: torch.Tensor                   # (n_batches, train_batch, train_len) training batches
+    calib_large: torch.Tensor             # (calib_scale * calib_samples, calib_len), the same text continued
+    train: list                           # supervised batches: data.collate dicts (idx, targets, loss_mask, pad_mask)
     prompts: list                         # gen_batch prompts (token id lists) of different lengths
     parity: float                         # max |logits ours - theirs| on one calibration window
 
 
+def training_batches(examples: list, cfg: BenchConfig, pad_id: int) -> list:
+    """train.py's batches: examples in its seeded order (seed 0), cfg.train_batch per step, each
+    padded to its longest row; one for the warm-up and one for every timed step."""
+    from loranull_mini import data
+    n = 1 + cfg.repeats * cfg.train_steps
+    return [data.collate([examples[j] for j in data.batch_order(len(examples), cfg.train_batch, step, 0)],
+                         pad_id, cfg.train_len) for step in range(n)]
+
+
 def token_sets(cfg: BenchConfig, tokenizer, vocab_size: int):
-    """Calibration windows (NQ-open questions), training batches (other NQ-open questions)
-    and prompts; random tokens when the checkpoint has no tokenizer (tests)."""
-    n_train = max(2, cfg.train_steps)  # distinct batches, cycled
+    """Calibration windows (NQ-open questions; the first calib_samples of the larger set),
+    supervised training batches (ASDiv train questions in the chat template, loss on the answer,
+    as train.py) and prompts (other NQ-open questions). Random tokens of the same shapes (prompts
+    of 1/4 to 1/2 of train_len, answers of 2 to 8 tokens) when the checkpoint has no tokenizer (tests)."""
+    from loranull_mini import data
+    n_large = cfg.calib_samples * cfg.calib_scale
     if tokenizer is None:
         g = torch.Generator().manual_seed(0)
-        calib = torch.randint(vocab_size, (cfg.calib_samples, cfg.calib_len), generator=g)
-        train = torch.randint(vocab_size, (n_train, cfg.train_batch, cfg.train_len), generator=g)
-        prompts = [torch.randint(vocab_size, (5 + 3 * i,), generator=g).tolist() for i in range(cfg.gen_batch)]
-        return calib, train, prompts
-    from loranull_mini import data
+        calib = torch.randint(1, vocab_size, (n_large, cfg.calib_len), generator=g)
+        examples = []
+        for _ in range(4 * cfg.train_batch):
+            n_prompt = int(torch.randint(cfg.train_len // 4, cfg.train_len // 2 + 1, (), generator=g))
+            n_answer = int(torch.randint(2, 9, (), generator=g))
+            examples.append(data.Example(torch.randint(1, vocab_size, (n_prompt + n_answer,), generator=g).tolist(),
+                                         n_prompt))
+        train = training_batches(examples, cfg, pad_id=0)
+        prompts = [torch.randint(1, vocab_size, (5 + 3 * i,), generator=g).tolist() for i in range(cfg.gen_batch)]
+        return calib[:cfg.calib_samples], calib, train, prompts
     known = [r["question"] for r in data.nq_open("calibration")]
     other = [r["question"] for r in data.nq_open("heldout")]
-    calib = data.calibration_windows(tokenizer, known, cfg.calib_samples, cfg.calib_len)
-    train = data.calibration_windows(tokenizer, other, n_train * cfg.train_batch, cfg.train_len)
+    calib = data.calibration_windows(tokenizer, known, n_large, cfg.calib_len)
+    examples = [data.encode_qa(tokenizer, r["question"], r["answer"]) for r in data.asdiv("train")]
+    train = training_batches(examples, cfg, tokenizer.pad_id)
     prompts = [tokenizer.encode(f"Question: {q}?\nAnswer:") for q in other[-cfg.gen_batch:]]
-    return calib, train.view(n_train, cfg.train_batch, cfg.train_len), prompts
+    return calib[:cfg.calib_samples], calib, train, prompts
 
 
 def load_stacks(cfg: BenchConfig, device, workdir: Path, log) -> Stacks:
-    from loranull_mini.checkpoint import load_model, save_hf
+    from loranull_mini.checkpoint import load_model
+    from loranull_mini.checkpoint import save_hf
     ours, tokenizer = load_model(cfg.model or None)
     hf_dir = workdir / "hf"
     save_hf(ours, hf_dir)
     theirs = load_hf(hf_dir, device)
     ours.to(device)
-    calib, train, prompts = token_sets(cfg, tokenizer, ours.config.vocab_size)
+    calib, calib_large, train, prompts = token_sets(cfg, tokenizer, ours.config.vocab_size)
     with torch.no_grad():
         window = calib[:1].to(device)
         parity = float((ours(window)[0] - theirs(input_ids=window).logits).abs().max())
     log(f"weights    {ours.num_params() / 1e6:.1f}M params, exported to {hf_dir}; "
         f"max |logits ours - HF| = {parity:.1e}")
-    return Stacks(ours, theirs, hf_dir, calib, train, prompts, parity)
+    return Stacks(ours, theirs, hf_dir, calib, calib_large, train, prompts, parity)
 
 
 # ----------------------------------------------------------------------------- results
@@ -281,20 +326,21 @@ def calibration_batches(calib: torch.Tensor, batch: int, device) -> list:
     return [calib[i:i + batch].to(device) for i in range(0, len(calib), batch)]
 
 
-def measure_null_vs_corda(cfg, stacks, device, log) -> dict:
-    """Our LoRA-Null (block by block: covariances, eigh, factors) against PEFT's CorDA-KPM
-    (hooks on the whole model, one sequence per forward, then inverse + SVD per layer)."""
+def measure_null_vs_corda(cfg, stacks, device, log, windows: torch.Tensor) -> dict:
+    """Our LoRA-Null (block by block: covariances, the fast null basis, factors) against PEFT's
+    CorDA-KPM (hooks on the whole model, one sequence per forward, then inverse + SVD per
+    layer), both calibrated on `windows`."""
     from peft import get_peft_model
     from peft.tuners.lora.corda import preprocess_corda
 
     from loranull_mini import calibration
 
-    batches = calibration_batches(stacks.calib, cfg.calib_batch, device)
-    windows = stacks.calib.to(device)
+    batches = calibration_batches(windows, cfg.calib_batch, device)
+    windows = windows.to(device)
 
     def ours_init(model):
         calibration.inject_blockwise(model, batches, ALL_TARGETS, r=cfg.rank, alpha=cfg.alpha, init="null",
-                                        dtype=torch.float32, keep_covariances=False)
+                                     dtype=torch.float32, keep_covariances=False)
 
     def theirs_init(model):
         config = peft_config(cfg.rank, cfg.alpha, "corda")
@@ -303,8 +349,8 @@ def measure_null_vs_corda(cfg, stacks, device, log) -> dict:
 
     ours, theirs = alternate(cfg.repeats, lambda: timed(device, ours_init, lambda: copy.deepcopy(stacks.ours)),
                              lambda: timed(device, theirs_init, lambda: copy.deepcopy(stacks.theirs)))
-    log(f"init       LoRA-Null {fmt(ours)} s, PEFT CorDA {fmt(theirs)} s")
-    tokens = stacks.calib.numel()
+    tokens = windows.numel()
+    log(f"init       {tokens} calibration tokens: LoRA-Null {fmt(ours)} s, PEFT CorDA {fmt(theirs)} s")
     return row(f"init: LoRA-Null vs PEFT CorDA-KPM ({tokens} calib. tokens), s", "s", ours, theirs, 1 / 3)
 
 
@@ -387,30 +433,40 @@ def peak_memory(device) -> int:
 
 
 def build_training(stack: str, settings: dict, device):
-    """(training step function, trainable parameters) of one stack, LoRA on all seven projections."""
+    """(training step function, trainable parameters) of one stack, LoRA on all seven projections.
+
+    A step is train.py's: the mean NLL of a supervised batch's answer tokens (prompt and padding
+    excluded), backward, AdamW. Ours projects to the vocabulary only at the answer positions
+    (as train.answer_nll_sum); transformers computes the logits of every position and ignores the
+    labels -100 (prompt, padding), the usual way to train it on such batches.
+    """
     r, alpha, use_autocast = settings["rank"], settings["alpha"], device.type == "cuda"
     if stack == "ours":
         import lora
         from loranull_mini.checkpoint import load_model
+        from model import masked_nll
         model, _ = load_model(settings["hf_dir"], device=device)
         lora.inject_lora(model, ALL_TARGETS, r=r, alpha=alpha)  # vanilla init, as PEFT's default
 
-        def forward(idx):
-            targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -100)], dim=1)  # next token
-            return model(idx, targets)[1]
+        def forward(batch):  # train.answer_nll_sum (a library module does not import the script)
+            at = scored(batch)
+            logits, _ = model(batch["idx"], pad_mask=batch["pad_mask"], logits_at=at)  # (N, V)
+            return masked_nll(logits[None], batch["targets"][at][None])[0] / at.sum()
     else:
         from peft import get_peft_model
         model = get_peft_model(load_hf(settings["hf_dir"], device), peft_config(r, alpha))
 
-        def forward(idx):
-            return model(input_ids=idx, labels=idx).loss  # HF shifts the labels itself
+        def forward(batch):
+            labels = batch["targets"].masked_fill(~scored(batch), -100)  # already shifted: shift_labels
+            return model(input_ids=batch["idx"], attention_mask=batch["pad_mask"].long(), labels=labels,
+                         shift_labels=labels).loss
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
 
-    def step(idx) -> float:
+    def step(batch) -> float:
         with autocast(device, use_autocast):
-            loss = forward(idx)
+            loss = forward(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -418,12 +474,18 @@ def build_training(stack: str, settings: dict, device):
     return step, sum(p.numel() for p in params)
 
 
+def scored(batch: dict) -> torch.Tensor:
+    """(B, T) bool: the positions whose next token the loss reads (answer tokens), as train.py."""
+    return (batch["loss_mask"] > 0) & (batch["targets"] != -100)
+
+
 def train_worker(conn, stack: str, settings: dict):
-    """Child process: build one stack, run a warm-up step, then answer the parent's commands:
-    "measure" (time settings["steps"] steps), "peak" (memory high-water mark), "stop"."""
+    """Child process: build one stack, run a warm-up step on batch 0, then answer the parent's
+    commands: "measure" (time settings["steps"] steps on the next batches; returns the seconds
+    and the real tokens), "peak" (memory high-water mark), "stop"."""
     torch.manual_seed(0)
     device = torch.device(settings["device"])
-    batches = torch.load(settings["batches"]).to(device)  # (n, B, T)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in torch.load(settings["batches"])]
     step, n_trainable = build_training(stack, settings, device)
     release_freed_memory()
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else resident_memory()
@@ -433,11 +495,14 @@ def train_worker(conn, stack: str, settings: dict):
     i = 1
     while (command := conn.recv()) != "stop":
         if command == "measure":
+            tokens = 0
             start = now(device)
             for _ in range(settings["steps"]):
-                step(batches[i % len(batches)])
+                batch = batches[i % len(batches)]
+                step(batch)
+                tokens += int(batch["pad_mask"].sum())
                 i += 1
-            conn.send(now(device) - start)
+            conn.send((now(device) - start, tokens))
         elif command == "peak":
             conn.send(peak_memory(device))
     conn.close()
@@ -455,8 +520,9 @@ def resident_memory() -> int:
 
 
 def measure_training(cfg, stacks, device, workdir: Path, log) -> list:
-    """Tokens/s and peak memory of LoRA training, each stack in its own child process;
-    the matmul peak is measured in this process between the two stacks' timings."""
+    """Tokens/s (real, non-pad tokens) and peak memory of LoRA training on supervised batches,
+    each stack in its own child process, both on the same batches in the same order; the
+    matmul peak is measured in this process between the two stacks' timings."""
     batches_file = workdir / "train_batches.pt"
     torch.save(stacks.train, batches_file)
     settings = {"device": str(device), "hf_dir": str(stacks.hf_dir), "batches": str(batches_file),
@@ -474,11 +540,11 @@ def measure_training(cfg, stacks, device, workdir: Path, log) -> list:
             hello[stack] = receive(conn, process)
         n = cfg.matmul_size or (8192 if device.type == "cuda" else 2048)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        seconds, peaks = {"ours": [], "theirs": []}, []
+        measured, peaks = {"ours": [], "theirs": []}, []
         for _ in range(cfg.repeats):
             for stack, (process, conn) in workers.items():
                 conn.send("measure")
-                seconds[stack].append(receive(conn, process))
+                measured[stack].append(receive(conn, process))
             peaks.append(matmul_flops_per_s(device, n, dtype))
         memory = {}
         for stack, (process, conn) in workers.items():
@@ -490,25 +556,41 @@ def measure_training(cfg, stacks, device, workdir: Path, log) -> list:
         for process, _ in workers.values():
             if process.is_alive():
                 process.kill()
-    tokens = cfg.train_steps * cfg.train_batch * cfg.train_len
-    rate = {s: [tokens / t for t in ts] for s, ts in seconds.items()}
-    flops = training_flops(stacks.ours.config, cfg.rank, ALL_TARGETS, cfg.train_batch, cfg.train_len) * cfg.train_steps
-    achieved = {s: [flops / t for t in ts] for s, ts in seconds.items()}
+    rate = {s: [tokens / seconds for seconds, tokens in m] for s, m in measured.items()}
+    # The FLOPs each stack does: the same blocks on every (padded) position; the vocabulary
+    # projection at the answer positions (ours) or at every position (transformers).
+    config, timed_batches = stacks.ours.config, stacks.train[1:]
+    steps = [timed_batches[k % len(timed_batches)] for k in range(cfg.repeats * cfg.train_steps)]
+
+    def flops(b, stack):
+        B, T = b["idx"].shape
+        return training_flops(config, cfg.rank, ALL_TARGETS, B, T,
+                              output_tokens=int(scored(b).sum()) if stack == "ours" else B * T)
+    achieved = {}
+    for stack, m in measured.items():
+        per_repeat = [sum(flops(b, stack) for b in steps[k * cfg.train_steps:(k + 1) * cfg.train_steps])
+                      for k in range(cfg.repeats)]
+        achieved[stack] = [f / seconds for f, (seconds, _) in zip(per_repeat, m)]
     peak = statistics.median(peaks)
+    real = sum(int(b["pad_mask"].sum()) for b in steps)
+    padded = sum(b["idx"].numel() for b in steps)
+    answers = sum(int(scored(b).sum()) for b in steps)
     log(f"train      tokens/s ours {fmt(rate['ours'])}, HF+PEFT {fmt(rate['theirs'])}; peak memory "
         f"{memory['ours'] / 2**20:.0f} / {memory['theirs'] / 2**20:.0f} MiB; first losses "
-        f"{hello['ours']['first_loss']:.5f} / {hello['theirs']['first_loss']:.5f}")
+        f"{hello['ours']['first_loss']:.5f} / {hello['theirs']['first_loss']:.5f}; batches of {cfg.train_batch}: "
+        f"{real} real of {padded} padded positions, {answers} answer tokens")
     rows = [
-        row("train: tokens/s (fwd + bwd + AdamW)", "tokens/s", rate["ours"], rate["theirs"], 1.1, True),
-        row("train: peak memory, MiB", "MiB", [memory["ours"] / 2**20], [memory["theirs"] / 2**20], 1.0),
-        row("train: achieved GFLOP/s", "GFLOP/s", [a / 1e9 for a in achieved["ours"]],
+        row(f"train: tokens/s, supervised batches of {cfg.train_batch} (fwd + bwd + AdamW)", "tokens/s",
+            rate["ours"], rate["theirs"], 1.1, True),
+        row("train: peak memory, MiB", "MiB", [memory["ours"] / 2**20], [memory["theirs"] / 2**20], 0.9),
+        row("train: achieved GFLOP/s (each stack's own matmuls)", "GFLOP/s", [a / 1e9 for a in achieved["ours"]],
             [a / 1e9 for a in achieved["theirs"]], None, True),
         row(f"train: share of dense matmul peak ({peak / 1e9:.0f} GFLOP/s), %", "%",
             [100 * a / peak for a in achieved["ours"]], [100 * a / peak for a in achieved["theirs"]], None, True),
     ]
     rows[0]["first_loss"] = {s: h["first_loss"] for s, h in hello.items()}
+    rows[0]["positions"] = {"real": real, "padded": padded, "answer": answers}
     rows[1]["baseline_MiB"] = {s: h["baseline_bytes"] / 2**20 for s, h in hello.items()}
-    rows[2]["flops_per_step"] = flops // cfg.train_steps
     rows[3]["matmul_flops_per_s"] = peaks
     return rows
 
@@ -639,7 +721,8 @@ def main(argv=None) -> dict:
         stacks = load_stacks(cfg, device, workdir, log)
         rows = []
         if "init" in groups:
-            rows.append(measure_null_vs_corda(cfg, stacks, device, log))
+            rows.append(measure_null_vs_corda(cfg, stacks, device, log, stacks.calib))
+            rows.append(measure_null_vs_corda(cfg, stacks, device, log, stacks.calib_large))
         if "pissa" in groups:
             rows += measure_pissa(cfg, stacks, device, log)
         if "train" in groups:
@@ -652,18 +735,21 @@ def main(argv=None) -> dict:
                    "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
                    "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
                    "load_average_before": load_before, "load_average_after": os.getloadavg(),
-                   "seconds": time.time() - started, "max_abs_logit_difference": stacks.parity}
+                   "seconds": time.time() - started, "max_abs_logit_difference": stacks.parity,
+                   "date": time.strftime("%Y-%m-%d %H:%M"), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     for package in ("transformers", "peft"):
         environment[package] = __import__(package).__version__
     print()
     print(f"ours vs transformers {environment['transformers']} + peft {environment['peft']} on "
-          f"{environment['device']} ({environment['dtype']}, {environment['threads']} threads), "
-          f"medians of {cfg.repeats}; LoRA r={cfg.rank}, alpha={cfg.alpha:g}, all seven projections")
+          f"{environment['device']} ({environment['dtype']}, {environment['threads']} threads, "
+          f"{environment['cpus']} CPUs), medians of {cfg.repeats}{' (--quick)' if cfg.quick else ''}; "
+          f"LoRA r={cfg.rank}, alpha={cfg.alpha:g}, all seven projections; calibration windows of "
+          f"{cfg.calib_len} tokens; training batches of {cfg.train_batch}, {cfg.train_steps} step(s) per repeat")
     print(table(rows))
     for note in missed_notes(rows):
         print(note)
-    print(f"load average before/after: {load_before[0]:.2f} / {environment['load_average_after'][0]:.2f}; "
-          f"{environment['seconds']:.0f} s in all")
+    print(f"{environment['date']}; load average before/after: {load_before[0]:.2f} / "
+          f"{environment['load_average_after'][0]:.2f}; {environment['seconds']:.0f} s in all")
     result = {"config": dataclasses.asdict(cfg), "environment": environment, "rows": rows}
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(result, indent=1))

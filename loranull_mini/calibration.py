@@ -6,26 +6,31 @@ the same covariances (tests: equal to that hook to rounding, and block by block 
 whole-model collection bit for bit) in the form a 7B model needs:
 
 - CovarianceCollector: running float64 sums of X.T @ X per distinct input, the products in
-  float32 or float64 (`dtype`), formed from the lower column blocks only (the product is
-  symmetric: 5/8 of the FLOPs for 4 blocks), added straight into the sums (no (n, n)
-  temporary); NaN/Inf found on the product's diagonal; the reference's per-sample
-  signed-max normalisation as an option;
+  float32 or float64 (`dtype`), formed from the lower row panels only (the product is
+  symmetric: (k + 1) / 2k of the FLOPs for k panels, ~0.54 for the 1536-wide input), each
+  panel added straight into a running sum of the product dtype, which enters the float64
+  sums every batch (FOLD_TOKENS rows, see there); the sums are kept exactly
+  symmetric, so C = S / N in one pass; NaN/Inf found on the products' diagonal; the
+  reference's per-sample signed-max normalisation as an option;
 - calibrate_blockwise: the calibration tokens travel through the model one block at a
   time, so only one block's sums (plus the tokens' hidden states) are alive, whatever the
   depth; each block's adapters can be initialised as soon as its covariances are complete
   (inject_blockwise); sums are all-reduced over torch.distributed ranks; the last block's
   sums are zeroed and reused by the next (a fresh large buffer costs page faults);
-- inject_blockwise: calibration + init by nullspace.INITS, one null basis per distinct input.
+- inject_blockwise: calibration + init by nullspace.INITS, one null basis per distinct input
+  (fastbasis.smallest_eigenvectors by default, nullspace.null_basis's eigh on request).
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import Tensor, nn
 
 import lora
 import nullspace
+from loranull_mini import fastbasis
 from model import PROJECTIONS, rotary_cos_sin
 
 
@@ -54,25 +59,81 @@ def input_groups(model: nn.Module, targets=nullspace.ALL_TARGETS, blocks=None) -
     return groups
 
 
-def add_gram_(S: Tensor, x: Tensor, blocks: int = 4) -> Tensor:
-    """S += x.T @ x in place, for x (N, n) and S (n, n) float64, using the product's symmetry.
+PANEL_WIDTH = 128  # columns per row panel of the lower-triangle products (measured: 96-192 are alike)
+# rows whose products may be summed in the product dtype before they enter the float64 sums. 1: every
+# batch's product enters them on its own, so 1 and 2 processes (batches dealt whole) sum the same
+# float32 products and differ only in the order of float64 additions; a larger value saves one
+# n x n cast-and-add per batch (under 0.1% of a 1024-token batch's product) and loses that equality.
+FOLD_TOKENS = 1
 
-    The columns of x are cut into `blocks` slices; only the products of slice pairs on and
-    below the diagonal are computed, (k + 1) / 2k of the full product's FLOPs for k blocks,
-    each added into its block of S and, transposed, into the mirror block.
-    """
-    n = x.shape[1]
-    k = blocks if n >= 64 * blocks else 1  # narrow inputs: one product
+
+def row_panels(n: int, panels: int | None = None) -> list[tuple[int, int]]:
+    """[(a, b), ...]: the columns 0..n cut into `panels` slices (default: about PANEL_WIDTH wide)."""
+    k = max(1, min(n, round(n / PANEL_WIDTH) if panels is None else panels))
     edges = [round(i * n / k) for i in range(k + 1)]
-    for i in range(k):
-        a, b = edges[i], edges[i + 1]
-        for j in range(i + 1):
-            c, d = edges[j], edges[j + 1]
-            product = (x[:, a:b].T @ x[:, c:d]).to(S.dtype)  # (b - a, d - c), cast once
-            S[a:b, c:d] += product
-            if i != j:
-                S[c:d, a:b] += product.T
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def add_lower_gram_(P: Tensor, x: Tensor, panels: list[tuple[int, int]]) -> Tensor:
+    """P[a:b, :b] += x[:, a:b].T @ x[:, :b] for every row panel (a, b), in place, in x's dtype.
+
+    These panels hold the block lower triangle of x.T @ x (diagonal blocks whole): (k + 1) / 2k
+    of the full product's FLOPs for k panels, each panel one product added straight into P
+    (no temporary). P's upper off-diagonal blocks are not touched; add_symmetric_ completes them.
+    """
+    for a, b in panels:
+        P[a:b, :b].addmm_(x[:, a:b].T, x[:, :b])
+    return P
+
+
+def add_symmetric_(S: Tensor, P: Tensor, panels: list[tuple[int, int]]) -> Tensor:
+    """S += the symmetric matrix whose block lower triangle P holds (add_lower_gram_'s panels).
+
+    The off-diagonal blocks are added as they are and, transposed, into the mirror blocks;
+    each diagonal block D as (D + D^T) / 2. Every value is added at (i, j) and (j, i) alike,
+    so an exactly symmetric S stays exactly symmetric. P may have a narrower dtype than S.
+    """
+    for a, b in panels:
+        S[a:b, :a] += P[a:b, :a]
+        S[:a, a:b] += P[a:b, :a].T
+        D = P[a:b, a:b]
+        S[a:b, a:b] += (D + D.T) / 2
     return S
+
+
+def add_gram_(S: Tensor, x: Tensor, blocks: int | None = None) -> Tensor:
+    """S += x.T @ x in place, for x (N, n) and S (n, n) float64, from the lower row panels only
+    (`blocks` panels, default about PANEL_WIDTH columns each; see add_lower_gram_)."""
+    panels = row_panels(x.shape[1], blocks)
+    P = add_lower_gram_(torch.zeros(S.shape, dtype=x.dtype, device=x.device), x, panels)
+    return add_symmetric_(S, P, panels)
+
+
+def symmetrize_(S: Tensor, panels: list[tuple[int, int]]) -> Tensor:
+    """Make S exactly symmetric in place: its lower off-diagonal blocks copied to the upper ones,
+    each diagonal block replaced by (D + D^T) / 2 (after an all-reduce, which may add the two
+    halves in different orders)."""
+    for a, b in panels:
+        S[:a, a:b] = S[a:b, :a].T
+        D = S[a:b, a:b]
+        D.copy_((D + D.T) / 2)
+    return S
+
+
+def covariance_from_sum(S: Tensor, N: int, name: str) -> Tensor:
+    """nullspace.covariance for an exactly symmetric S: S / N, in one pass.
+
+    (S + S^T) / (2N) = 2S / 2N, and doubling is exact: the same numbers, bit for bit.
+    """
+    if not N:
+        raise ValueError(f"no calibration tokens reached {name}")
+    if not torch.isfinite(S.diagonal()).all():
+        raise ValueError(f"NaN/Inf in the calibration activations entering {name}")
+    if N < S.shape[0]:
+        warnings.warn(f"{name}: only N={N} calibration tokens for n={S.shape[0]} input features; the covariance "
+                      f"is rank-deficient, so the null basis is an arbitrary choice among {S.shape[0] - N} or "
+                      f"more zero eigenvalues", stacklevel=3)
+    return S / N
 
 
 def all_finite(t: Tensor) -> bool:
@@ -96,20 +157,26 @@ class CovarianceCollector:
     """Running sums of X.T @ X (float64) and token counts, one per distinct layer input.
 
     `c = CovarianceCollector(model); c.add_batch(idx, pad_mask) ...; C = c.finalize()`.
-    Under data parallelism, all-reduce (sum) every tensor of `c.sums` and `c.counts` before
-    finalize(); the entries appear at the first add_batch, so every process needs a batch.
-    dtype: of the per-batch products (float32 is ~2x faster on a CPU); sums are float64.
+    Under data parallelism, call c.flush(), then all-reduce (sum) every tensor of `c.sums` and
+    `c.counts`, then finalize(); the entries appear at the first add_batch, so every process
+    needs a batch.
+    dtype: of the products (float32 is ~2x faster on a CPU). Each batch's product panels are
+    added into a running sum of that dtype (`partial`), which enters the float64 `sums` every
+    fold_tokens rows (default: every batch) and at flush().
     blocks: hook only these transformer blocks.
     """
 
     def __init__(self, model: nn.Module, targets=nullspace.ALL_TARGETS, *, dtype=torch.float64,
-                 per_sample_max_norm: bool = False, blocks=None):
+                 per_sample_max_norm: bool = False, blocks=None, fold_tokens: int = FOLD_TOKENS):
         self.model = model
         self.groups = input_groups(model, targets, blocks)
         self.dtype = dtype
         self.per_sample_max_norm = per_sample_max_norm
-        self.sums: dict[str, Tensor] = {}
+        self.fold_tokens = fold_tokens
+        self.sums: dict[str, Tensor] = {}      # float64, exactly symmetric
         self.counts: dict[str, Tensor] = {}
+        self.partial: dict[str, Tensor] = {}   # dtype, the lower row panels of the products since the last fold
+        self.pending: dict[str, int] = {}      # rows in partial
 
     def _accumulate(self, name: str, x: Tensor, keep: Tensor | None):
         """Add one batch of inputs x (B, T, n) of layer `name`, real tokens only."""
@@ -119,14 +186,33 @@ class CovarianceCollector:
         if keep is not None:
             x = x[keep.reshape(-1)]  # (N_batch, n): padding never enters C
         x = x.to(self.dtype)
+        n = x.shape[1]
         if name not in self.sums:
-            n = x.shape[1]
             self.sums[name] = torch.zeros(n, n, dtype=torch.float64, device=x.device)
             self.counts[name] = torch.zeros((), dtype=torch.int64, device=x.device)
-        add_gram_(self.sums[name], x)
-        if not torch.isfinite(self.sums[name].diagonal()).all():  # sums of x_i^2: NaN/Inf anywhere shows
+        if name not in self.partial:
+            self.partial[name] = torch.zeros(n, n, dtype=self.dtype, device=x.device)
+            self.pending[name] = 0
+        add_lower_gram_(self.partial[name], x, row_panels(n))
+        if not torch.isfinite(self.partial[name].diagonal()).all():  # sums of x_i^2: NaN/Inf anywhere shows
             raise ValueError(f"NaN/Inf in the calibration activations entering {name}")
         self.counts[name] += x.shape[0]
+        self.pending[name] += x.shape[0]
+        if self.pending[name] >= self.fold_tokens:
+            self._fold(name)
+
+    def _fold(self, name: str):
+        """sums[name] += the symmetric product held in partial[name]; partial starts again at zero."""
+        P = self.partial[name]
+        add_symmetric_(self.sums[name], P, row_panels(P.shape[0]))
+        P.zero_()
+        self.pending[name] = 0
+
+    def flush(self):
+        """Fold every partial sum into the float64 sums (before an all-reduce of `sums`)."""
+        for name, rows in self.pending.items():
+            if rows:
+                self._fold(name)
 
     @contextlib.contextmanager
     def recording(self, keep: Tensor | None):
@@ -159,10 +245,11 @@ class CovarianceCollector:
             self.model.train(was_training)
 
     def finalize(self) -> dict[str, Tensor]:
-        """{layer: C (n, n) float64}, C = (S + S.T) / (2 N); layers sharing an input share C."""
+        """{layer: C (n, n) float64}, C = S / N (S exactly symmetric); layers sharing an input share C."""
+        self.flush()
         covariances = {}
         for hooked, sharing in self.groups.items():
-            C = nullspace.covariance(self.sums.get(hooked), int(self.counts.get(hooked, 0)), " / ".join(sharing))
+            C = covariance_from_sum(self.sums.get(hooked), int(self.counts.get(hooked, 0)), " / ".join(sharing))
             covariances.update(dict.fromkeys(sharing, C))
         return covariances
 
@@ -231,18 +318,23 @@ def calibrate_blockwise(model: nn.Module, batches, targets=nullspace.ALL_TARGETS
                 for name in collector.groups:
                     role = name.split(".", 2)[2]
                     if role in spare:
-                        collector.sums[name] = spare[role].zero_()
-                        collector.counts[name] = torch.zeros((), dtype=torch.int64, device=spare[role].device)
+                        S, P = spare[role]  # P is zero: the last block's finalize folded it
+                        collector.sums[name], collector.partial[name] = S.zero_(), P
+                        collector.counts[name] = torch.zeros((), dtype=torch.int64, device=S.device)
+                        collector.pending[name] = 0
                 for b, (idx, keep) in enumerate(inputs):
                     positions, mask = model._positions_and_mask(idx, keep, None)
                     cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
                     with collector.recording(keep):
                         hidden[b] = block(hidden[b].to(device), cos, sin, mask).to(hidden_device)
+                collector.flush()
                 if distributed:
                     for t in list(collector.sums.values()) + list(collector.counts.values()):
                         torch.distributed.all_reduce(t)
+                    for S in collector.sums.values():  # ranks' sums may arrive in different orders
+                        symmetrize_(S, row_panels(S.shape[0]))
                 block_covariances = collector.finalize()  # new tensors: the sums can be reused
-                spare = {name.split(".", 2)[2]: S for name, S in collector.sums.items()}
+                spare = {name.split(".", 2)[2]: (S, collector.partial[name]) for name, S in collector.sums.items()}
                 if init_block is not None:
                     init_block(i, block_covariances)
                 if keep_covariances:
@@ -256,18 +348,67 @@ def calibrate_blockwise(model: nn.Module, batches, targets=nullspace.ALL_TARGETS
     return covariances
 
 
-def init_layers(layers: dict, init: str, covariances: dict | None, generator: torch.Generator):
+NULL_BASES = ("fast", "eigh")
+
+
+def null_basis(C: Tensor, r: int, basis: str = "fast") -> Tensor:
+    """U (n, r) float64: eigenvectors of C's r smallest eigenvalues (their span, for "fast").
+
+    "fast": fastbasis.smallest_eigenvectors (Cholesky + block Krylov on the inverse + float64
+    Rayleigh-Ritz, captured energy within 0.1% of the minimum by its stopping test; the exact
+    eigh when it cannot show that); "eigh": nullspace.null_basis, the full eigendecomposition.
+    """
+    if basis == "fast":
+        return fastbasis.smallest_eigenvectors(C, r)
+    if basis == "eigh":
+        return nullspace.null_basis(C, r)
+    raise ValueError(f"unknown null basis method {basis!r}; choose from {list(NULL_BASES)}")
+
+
+def null_factors(W: Tensor, U: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """LoRA-Null's (A, B) from a known basis U (n, r): nullspace.loranull_init's formulas,
+    without its per-layer input checks (C was checked once, when its basis was computed) and
+    without W_res (LoRALinear.initialize forms it from A and B)."""
+    s = alpha / U.shape[1]
+    U = U.to(W.device, torch.float64)
+    U_w, S, Qh = torch.linalg.svd(W.detach().double() @ U, full_matrices=False)  # (m, r), (r,), (r, r)
+    root = torch.sqrt(S / s)
+    dtype = lora.factor_dtype(W)
+    return (root[:, None] * (Qh @ U.T)).to(dtype), (U_w * root[None, :]).to(dtype)
+
+
+def check_weight(W: Tensor, C: Tensor, r: int):
+    """nullspace.check_init_inputs' checks of W (the rest concern C and alpha, checked with the basis)."""
+    if W.ndim != 2 or tuple(C.shape) != (W.shape[1], W.shape[1]):
+        raise ValueError(f"covariance shape {tuple(C.shape)} does not match W of shape {tuple(W.shape)}")
+    lora.check_rank(W, r)
+    if not all_finite(W):
+        raise ValueError("W contains NaN/Inf")
+
+
+def init_layers(layers: dict, init: str, covariances: dict | None, generator: torch.Generator, *,
+                basis: str = "fast"):
     """Start the given LoRALinears from nullspace.INITS[init], with one null basis per
-    distinct covariance (q/k/v and gate/up read one input, so they share one eigh)."""
-    bases = {}  # id(C) -> null basis
+    distinct covariance for "null" and "space" (q/k/v and gate/up read one input, so they
+    share one), computed by `basis` ("fast" or "eigh", see null_basis)."""
+    if basis not in NULL_BASES:
+        raise ValueError(f"unknown null basis method {basis!r}; choose from {list(NULL_BASES)}")
+    bases = {}  # (id(C), r) -> null basis
     for name, layer in layers.items():
         C = covariances[name] if init in nullspace.NEEDS_COVARIANCE else None
         W = layer.base.weight.detach()
         try:
-            if init == "null":
-                if id(C) not in bases:
-                    bases[id(C)] = nullspace.null_basis(C.to(W.device), layer.r)
-                A, B, W_res = nullspace.loranull_init(W, C, layer.r, layer.alpha, U_null=bases[id(C)])
+            if init in ("null", "space"):
+                key = (id(C), layer.r)
+                if key not in bases:
+                    nullspace.check_init_inputs(W, C, layer.r, layer.alpha)  # C's checks: once per basis
+                    bases[key] = null_basis(C.to(W.device), layer.r, basis)
+                if init == "null":
+                    check_weight(W, C, layer.r)
+                    A, B = null_factors(W, bases[key], layer.alpha)
+                    W_res = lora.residual_weight(W, A, B, layer.scaling)
+                else:
+                    A, B, W_res = nullspace.space_only_init(W, C, layer.r, layer.alpha, U_null=bases[key])
             else:
                 A, B, W_res = nullspace.INITS[init](W, C, layer.r, layer.alpha, generator=generator)
         except ValueError as e:
@@ -277,14 +418,16 @@ def init_layers(layers: dict, init: str, covariances: dict | None, generator: to
 
 def inject_blockwise(model: nn.Module, batches, targets=nullspace.ALL_TARGETS, *, r: int = 8,
                      alpha: float = 16, dropout: float = 0.0, init: str = "null",
-                     freeze_A: bool = False, seed: int = 0, **calibration):
+                     freeze_A: bool = False, seed: int = 0, basis: str = "fast", **calibration):
     """Calibrate and initialise the adapters block by block: (layers, covariances).
 
-    The same adapters as `nullspace.inject_adapters(model, targets, r, alpha, dropout, init,
-    covariances=calibrate(model, batches, targets), freeze_A=freeze_A, seed=seed)` (vanilla's
-    random A included: layers draw in the same order from one generator), but each block is
-    initialised as soon as its covariances are complete, so they can be dropped
-    (keep_covariances=False) before the next block runs. **calibration: the keywords of
+    With basis="eigh", the same adapters as `nullspace.inject_adapters(model, targets, r, alpha,
+    dropout, init, covariances=calibrate(model, batches, targets), freeze_A=freeze_A, seed=seed)`
+    (vanilla's random A included: layers draw in the same order from one generator), but each
+    block is initialised as soon as its covariances are complete, so they can be dropped
+    (keep_covariances=False) before the next block runs. The default basis="fast" gives "null"
+    and "space" a basis of (almost) the same null space from fastbasis: the same adapters up to
+    the choice of basis inside it (see null_basis). **calibration: the keywords of
     calibrate_blockwise (dtype, keep_covariances, covariance_device, hidden_device, ...).
     """
     if init not in nullspace.INITS:
@@ -296,7 +439,7 @@ def inject_blockwise(model: nn.Module, batches, targets=nullspace.ALL_TARGETS, *
     def init_block(i, covariances):
         block_layers = {name: lora.wrap_linear(model, name, r, alpha, dropout, freeze_A)
                         for name in names if name.startswith(f"layers.{i}.")}
-        init_layers(block_layers, init, covariances, generator)
+        init_layers(block_layers, init, covariances, generator, basis=basis)
         layers.update(block_layers)
 
     covariances = calibrate_blockwise(model, batches, targets, init_block=init_block, **calibration)

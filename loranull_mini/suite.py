@@ -153,9 +153,8 @@ class Study:
 
     def run_method(self, variant: str, method: str):
         """All learning rates and seeds of one method, the grid extended while its best mean
-        validation loss sits at an edge (main variant only)."""
-        main_variant = next(iter(self.s["variants"]))
-        grid, extensions = list(self.s["lrs"]), self.s["max_extensions"] if variant == main_variant else 0
+        validation loss sits at an edge (at most max_extensions times)."""
+        grid, extensions = list(self.s["lrs"]), self.s["max_extensions"]
         while True:
             for lr in grid:
                 for seed in self.s["seeds"]:

@@ -92,7 +92,7 @@ def test_bench_runs_both_stacks_end_to_end_on_a_tiny_checkpoint(tmp_path):
                          "--json", str(tmp_path / "bench.json")])
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(result))
     rows = {r["name"].split(",")[0].split(" (")[0]: r for r in result["rows"]}
-    assert len(result["rows"]) == 9
+    assert len(result["rows"]) == 10
     assert result["environment"]["max_abs_logit_difference"] < 1e-4  # the same weights in both stacks
     train = rows["train: tokens/s"]
     assert train["first_loss"]["ours"] == pytest.approx(train["first_loss"]["theirs"], rel=1e-5)

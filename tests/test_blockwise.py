@@ -13,9 +13,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
+import lora
 import nullspace as ns
 from loranull_mini import calibration as cal
+from loranull_mini import fastbasis as fb
 from tests.conftest import random_model
 
 
@@ -92,6 +95,8 @@ def test_each_block_is_handed_over_complete_and_then_freed():
 
 @pytest.mark.parametrize("init", ["null", "corda", "vanilla", "pissa", "milora", "top", "space"])
 def test_blockwise_injection_equals_inject_lora_after_collection(init):
+    """With the exact (eigh) null basis, as nullspace.py computes it: bit for bit. The default
+    fast basis is compared with it in test_fast_null_basis_*."""
     batches = padded_batches()
     reference_model, model = random_model(std=0.1), random_model(std=0.1)
     torch.manual_seed(3)  # LoRALinear's constructor draws from the global generator
@@ -100,7 +105,8 @@ def test_blockwise_injection_equals_inject_lora_after_collection(init):
                                    freeze_A=init == "null", seed=5)
     torch.manual_seed(3)
     layers, blockwise_covariances = cal.inject_blockwise(model, batches, r=4, alpha=8, init=init,
-                                                        freeze_A=init == "null", seed=5, dtype=torch.float32)
+                                                        freeze_A=init == "null", seed=5, dtype=torch.float32,
+                                                        basis="eigh")
     assert list(layers) == list(reference)
     for name, layer in layers.items():
         assert torch.equal(blockwise_covariances[name], covariances[name])
@@ -202,3 +208,96 @@ def test_blockwise_covariances_equal_the_plain_hook_of_nullspace(dtype):
     for name, C in plain.items():
         torch.testing.assert_close(blockwise[name], C, rtol=0, atol=tolerance * float(C.abs().max()))
         assert torch.equal(blockwise[name], blockwise[name].T)
+
+
+# ----------------------------------------------------------------------------- the fast null basis
+def separated_covariance(n, r, seed=0):
+    """r distinct small eigenvalues in [1e-3, 2e-3], then a gap of 500x to the rest."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    eigenvalues = torch.cat([torch.linspace(1e-3, 2e-3, r, dtype=torch.float64),
+                             torch.logspace(0, 1, n - r, dtype=torch.float64)])
+    C = (Q * eigenvalues) @ Q.T
+    return (C + C.T) / 2
+
+
+def energy_bound(C, r):
+    """The captured energy's minimum (sum of the r smallest eigenvalues) and 1% of it plus
+    the rounding floor r * eps * trace(C)."""
+    minimum = float(torch.linalg.eigvalsh(C)[:r].sum())
+    return minimum, 0.01 * minimum + r * torch.finfo(torch.float64).eps * float(torch.trace(C))
+
+
+def layers_from(weights, r, alpha):
+    torch.manual_seed(0)
+    return {name: lora.LoRALinear(nn.Linear(W.shape[1], W.shape[0], bias=False).requires_grad_(False), r, alpha)
+            for name, W in weights.items()}
+
+
+@pytest.mark.parametrize("init", ["null", "space"])
+def test_fast_null_basis_gives_the_eigh_adapters_on_a_separated_spectrum(init):
+    n, r, alpha = 320, 8, 16
+    C = separated_covariance(n, r)
+    assert fb.smallest_eigenvectors(C, r, return_info=True)[1]["used"] == "krylov"  # not the eigh fallback
+    g = torch.Generator().manual_seed(1)
+    weights = {"a": torch.randn(96, n, generator=g) / n ** 0.5, "b": torch.randn(400, n, generator=g) / n ** 0.5}
+    results = {}
+    for basis in ("fast", "eigh"):
+        layers = layers_from(weights, r, alpha)
+        for name, layer in layers.items():
+            layer.base.weight.data.copy_(weights[name])
+        cal.init_layers(layers, init, dict.fromkeys(layers, C), torch.Generator(), basis=basis)
+        results[basis] = layers
+    minimum, slack = energy_bound(C, r)
+    for name in weights:
+        fast, exact = results["fast"][name], results["eigh"][name]
+        s = fast.scaling
+        torch.testing.assert_close(s * fast.B @ fast.A, s * exact.B @ exact.A, rtol=0, atol=1e-6)
+        torch.testing.assert_close(fast.base.weight, exact.base.weight, rtol=0, atol=1e-6)
+        A = fast.A.detach().double()
+        energy = ns.captured_energy(A, C) * float(torch.trace(C))
+        assert energy - minimum <= slack
+        if init == "null":  # the original weight is kept: W = W_res + s B A
+            torch.testing.assert_close(fast.base.weight + s * fast.B @ fast.A, weights[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*rank-deficient")
+@pytest.mark.parametrize("batches", ["few tokens (rank-deficient C)", "more tokens than features"])
+def test_blockwise_fast_null_init_captures_the_minimum_energy(batches):
+    """Real activations of a random model: a spectrum without a gap (or, with fewer tokens than
+    features, a zero eigenspace larger than r, where any basis inside it is exact). The
+    adapters' captured energy is compared, with the minimum and with the eigh path's."""
+    r, config = 4, dict(dim=256, hidden_dim=512, max_seq_len=512)
+    g = torch.Generator().manual_seed(2)
+    data = padded_batches() if batches.startswith("few") else [torch.randint(1, 97, (4, 200), generator=g)]
+    used, results = set(), {}
+    original = fb.smallest_eigenvectors
+
+    def recording(C, r, **kwargs):
+        U, info = original(C, r, return_info=True, **kwargs)
+        used.add(info["used"])
+        return U
+
+    for basis in ("fast", "eigh"):
+        model = random_model(std=0.1, **config)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(fb, "smallest_eigenvectors", recording)
+            results[basis] = cal.inject_blockwise(model, data, r=r, alpha=8, init="null", dtype=torch.float64,
+                                                  basis=basis)
+    assert used == {"krylov"}
+    (fast, covariances), (exact, _) = results["fast"], results["eigh"]
+    for name, layer in fast.items():
+        C = covariances[name]
+        minimum, slack = energy_bound(C, r)
+        energy = ns.captured_energy(layer.A.detach().double(), C) * float(torch.trace(C))
+        exact_energy = ns.captured_energy(exact[name].A.detach().double(), C) * float(torch.trace(C))
+        assert energy - minimum <= slack, name
+        assert abs(energy - exact_energy) <= slack, name
+        torch.testing.assert_close(layer.base.weight + layer.scaling * layer.B @ layer.A,
+                                   exact[name].base.weight + exact[name].scaling * exact[name].B @ exact[name].A,
+                                   rtol=0, atol=1e-5)
+
+
+def test_unknown_null_basis_method_is_refused():
+    with pytest.raises(ValueError, match="null basis method 'lanczos'"):
+        cal.inject_blockwise(random_model(), padded_batches(), r=4, init="null", basis="lanczos")
