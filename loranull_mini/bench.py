@@ -752,7 +752,8 @@ def main(argv=None) -> dict:
           f"{environment['load_average_after'][0]:.2f}; {environment['seconds']:.0f} s in all")
     result = {"config": dataclasses.asdict(cfg), "environment": environment, "rows": rows}
     if cfg.json:
-        Path(cfg.json).write_text(json.dumps(result, indent=1))
+        from loranull_mini.files import write_json
+        write_json(cfg.json, result)
     return result
 
 

@@ -1,6 +1,11 @@
 """loranull_mini/bench.py: the FLOP counter against a hand count and torch's FLOP counter,
-the table's arithmetic, and one end-to-end run of the benchmark on a tiny checkpoint."""
+the table's arithmetic, one end-to-end run of the benchmark on a tiny checkpoint, and
+`--quick` on SmolLM2."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,7 @@ from model import ModelConfig
 from tests.conftest import random_model
 
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_training_flops_matches_a_hand_count_on_a_tiny_config():
@@ -100,3 +106,22 @@ def test_bench_runs_both_stacks_end_to_end_on_a_tiny_checkpoint(tmp_path):
     for r in result["rows"]:
         assert len(r["ours_all"]) == len(r["theirs_all"]) == (1 if "memory" in r["name"] else 3)
         assert r["ours"] > 0 and r["theirs"] > 0
+
+
+def test_bench_quick_runs_on_smollm2_and_prints_every_row(tmp_path):
+    """`python -m loranull_mini.bench --quick` (what CI can afford) on the real SmolLM2 weights:
+    both stacks measured, every row printed with ours, theirs, ratio, target and met."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = subprocess.run([sys.executable, "-m", "loranull_mini.bench", "--quick", "--json", str(tmp_path / "b.json")],
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["config"]["quick"] and result["config"]["repeats"] == 1
+    assert len(result["rows"]) == 10
+    assert "| measurement | ours | theirs | ratio ours/theirs | target | met |" in out.stdout
+    for r in result["rows"]:
+        line = next((l for l in out.stdout.splitlines() if l.startswith(f"| {r['name']} |")), None)
+        assert line is not None, r["name"]
+        assert line.count("|") == 7 and r["ours"] > 0 and r["theirs"] > 0
+    assert result["environment"]["max_abs_logit_difference"] < 1e-3  # the same weights in both stacks
