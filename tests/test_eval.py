@@ -337,3 +337,21 @@ def test_a_small_study_reports_every_method_and_resumes_from_its_files(tmp_path,
     with pytest.raises(ValueError, match="other settings"):
         monkeypatch.setitem(suite.SUITES, "toy", {**settings, "steps": 13})
         ev.main(["--suite", "toy", "--out", str(out)])
+
+
+@pytest.mark.parametrize("overlap", toy.OVERLAPS)
+def test_the_toy_overlap_knob_puts_the_new_skills_inputs_in_the_chosen_eigenspace(overlap):
+    """Each synonym's first-layer attention input projects >= 90% (of its squared norm) onto the
+    chosen eigenspace of the calibration covariance, and <= 10% onto an opposite one."""
+    seed = 1
+    model, tok = toy.load_toy_model(seed, overlap, log=lambda *a: None)
+    C = toy.input_covariance(model, tok, toy.calibration_facts(seed))
+    chosen = toy.eigenspace(C, overlap, seed)
+    opposite = toy.eigenspace(C, "top" if overlap == "bottom" else "bottom", seed)
+    norm = model.layers[0].attention_norm
+    for synonym in toy.SYNONYMS:
+        x = norm(model.tok_embeddings.weight[tok.vocab[synonym]][None]).double()[0]  # the layer's input
+        share = float((chosen.T @ x).square().sum() / x.square().sum())
+        assert share >= 0.9, (overlap, synonym, share)
+        if overlap != "random":
+            assert float((opposite.T @ x).square().sum() / x.square().sum()) <= 0.1, (overlap, synonym)
