@@ -3,6 +3,7 @@
     python eval.py --adapter runs/real-null/adapter   # SmolLM2 + a trained adapter, against SmolLM2
     python eval.py --suite toy                        # every method on the toy world (loranull_mini/suite.py)
     python eval.py --suite real [--quick]             # every method on SmolLM2 (resumable)
+    python eval.py --suite real-calibration           # LoRA-Null v2 calibrated on Wikipedia / the task
 
 Retention ("forgetting"), always on data that neither calibration nor training saw, and
 paired item by item with the base model, so the base model scores exactly 0:
@@ -201,7 +202,8 @@ def evaluate_adapter(model_path: str, adapter: str, device: str = "auto", quick:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=["toy", "real"], help="run a whole comparison (loranull_mini/suite.py)")
+    parser.add_argument("--suite", choices=["toy", "real", "real-calibration"],
+                        help="run a whole comparison (loranull_mini/suite.py)")
     parser.add_argument("--quick", action="store_true", help="the small version of the suite or of the evaluation sets")
     parser.add_argument("--adapter", default="", help="adapter directory (train.py's OUT/adapter) to evaluate")
     parser.add_argument("--model", default="", help="base checkpoint (.gguf, HF or Meta directory; default SmolLM2)")

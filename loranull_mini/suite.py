@@ -69,6 +69,13 @@ SUITES = {
                        steps=6, batch_size=8, eval_every=6, warmup=1, rank=8, alpha=16.0, target=3.0,
                        calib_samples=8, calib_len=128, full_eval="chosen", sizes=QUICK_SIZES,
                        variants={"nq-open": ("lora", "lora-fa", "null-v2", "space-fa")}),
+    # Which knowledge does the null space protect? LoRA-Null v2 at real-quick's settings, calibrated on
+    # Wikipedia passages and on the task's own prompts (real-quick has it calibrated on NQ-open; LoRA-FA
+    # reads no calibration, so its numbers there hold for every calibration text).
+    "real-calibration": dict(preset="real", seeds=(0, 1), lrs=(1e-3, 2e-3, 4e-3), max_extensions=0,
+                             steps=6, batch_size=8, eval_every=6, warmup=1, rank=8, alpha=16.0, target=3.0,
+                             calib_samples=8, calib_len=128, full_eval="chosen", sizes=QUICK_SIZES,
+                             variants={"wiki": ("null-v2",), "task": ("null-v2",)}),
 }
 
 
