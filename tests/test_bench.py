@@ -103,8 +103,11 @@ def test_bench_runs_both_stacks_end_to_end_on_a_tiny_checkpoint(tmp_path):
     train = rows["train: tokens/s"]
     assert train["first_loss"]["ours"] == pytest.approx(train["first_loss"]["theirs"], rel=1e-5)
     assert rows["generate: tokens/s"]["same_greedy_rows"] == "3/3"
+    init_rows = [r for r in result["rows"] if r["name"].startswith("init: LoRA-Null")]
+    assert [f"({4 * 80} calib. tokens)" in r["name"] for r in init_rows] == [True, False]  # default, then 4x
     for r in result["rows"]:
-        assert len(r["ours_all"]) == len(r["theirs_all"]) == (1 if "memory" in r["name"] else 3)
+        once = "memory" in r["name"] or r is init_rows[1]  # the 4x-calibration row is timed once
+        assert len(r["ours_all"]) == len(r["theirs_all"]) == (1 if once else 3)
         assert r["ours"] > 0 and r["theirs"] > 0
 
 
