@@ -158,8 +158,10 @@ def markdown(summary: dict, toy: bool) -> str:
     s = summary["settings"]
     parts = [f"# Study `{s['suite']}`", "",
              f"Every method: LoRA r={s['rank']}, alpha={s['alpha']:g}, {s['steps']} steps of batch {s['batch_size']}, "
-             f"seeds {list(s['seeds'])}, learning rates {list(s['lrs'])} (extended by factors of 2 while the best "
-             f"mean validation loss was at an edge), evaluated every {s['eval_every']} steps. Retention cost: "
+             f"seeds {list(s['seeds'])}, learning rates {list(s['lrs'])} "
+             + (f"(extended by factors of 2, at most {s['max_extensions']} times, while the best mean validation "
+                f"loss was at an edge)" if s["max_extensions"] else "(a fixed grid, not extended)")
+             + f", evaluated every {s['eval_every']} steps. Retention cost: "
              f"{'KL of the held-out facts answers' if toy else 'per-token KL(base || tuned) on held-out Wikipedia'}"
              f" against the base model. Intervals: 95% percentile bootstrap over seeds and items."]
     for variant, v in summary["variants"].items():
