@@ -252,3 +252,18 @@ def test_cuda():
     C = spectrum("12_decades_gram")
     U = fb.smallest_eigenvectors(C.cuda().float(), 8)
     assert_energy_within_bound(U.cpu(), C.float().to(F64))
+
+
+def test_a_singular_covariance_from_float32_products_takes_the_fast_path():
+    """Fewer tokens than features, products in float32 (as train.py forms them): C's zero
+    eigenvalues come out at float32 rounding level, some negative, so the Cholesky factor needs
+    a shift far above float64's; the solver finds it instead of falling back to eigh, and its
+    basis captures no more energy than rounding (every basis of the zero space is as good)."""
+    g = torch.Generator().manual_seed(0)
+    X = (torch.randn(512, 1536, generator=g) * torch.logspace(0, -1, 1536) + 3 * torch.randn(1, 1536, generator=g))
+    C = (X.T @ X).double() / 512
+    U, info = fb.smallest_eigenvectors(C, 8, return_info=True)
+    assert info["used"] == "krylov" and info["fallback"] is None
+    trace = float(torch.trace(C))
+    minimum = float(torch.linalg.eigvalsh(C)[:8].sum())
+    assert float(torch.trace(U.T @ C @ U)) - minimum <= 1e-7 * trace
