@@ -334,14 +334,15 @@ def measure_null_vs_corda(cfg, stacks, device, log, windows: torch.Tensor, repea
     from peft import get_peft_model
     from peft.tuners.lora.corda import preprocess_corda
 
-    from loranull_mini import calibration
+    from loranull_mini import calibration, fastbasis
 
     batches = calibration_batches(windows, cfg.calib_batch, device)
     windows = windows.to(device)
 
     def ours_init(model):
         calibration.inject_blockwise(model, batches, ALL_TARGETS, r=cfg.rank, alpha=cfg.alpha, init="null",
-                                     dtype=torch.float32, keep_covariances=False)
+                                     dtype=torch.float32, keep_covariances=False,
+                                     basis=fastbasis.smallest_eigenvectors)  # train.py --null-basis fast
 
     def theirs_init(model):
         config = peft_config(cfg.rank, cfg.alpha, "corda")

@@ -132,6 +132,7 @@ def nonzero_adapter(seed=0, m=24, n=16, r=4, alpha=8, **kw):
     torch.manual_seed(seed)
     layer = LoRALinear(torch.nn.Linear(n, m, bias=True), r, alpha, **kw)
     with torch.no_grad():
+        layer.A.normal_()                                        # the layer starts at A = 0, B = 0 until an init
         layer.B.normal_()                                        # B = 0 would hide most bugs
     return layer
 
