@@ -22,23 +22,20 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Before torch loads: spinning OpenMP threads slow everything down on a busy machine.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+from loranull_mini import adapter_io, calibration, devices, fastbasis, metrics, report, runstate  # first: see its __init__
+import torch
+import torch.distributed as dist
 
-import lora  # noqa: E402
-import nullspace  # noqa: E402
-from loranull_mini import adapter_io, calibration, devices, fastbasis, metrics, report, runstate  # noqa: E402
-from loranull_mini import data as datasets  # noqa: E402
-from loranull_mini.files import write_json  # noqa: E402
-from model import PROJECTIONS, masked_nll  # noqa: E402
+import lora
+import nullspace
+from loranull_mini import data as datasets
+from loranull_mini.files import write_json
+from model import PROJECTIONS, masked_nll
 
 
 @dataclass

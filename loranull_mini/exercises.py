@@ -87,17 +87,17 @@ EXERCISES = [
                               "n_rep and reshaped to (B, Hkv * n_rep, S, hd)",
         "model.py:Attention.forward": "q, k, v: projections viewed (B, T, heads, hd), transposed to (B, heads, T, hd); "
                                       "rotate q and k; with a cache, write k, v at slots cache.length.. of `layer` and "
-                                      "read every slot so far; repeat_kv when self.repeat_kv_heads (None: a mask and "
-                                      "not on the CPU), else SDPA's enable_gqa; is_causal when mask is None; "
+                                      "read every slot so far; repeat_kv when repeat_kv_heads(mask, x.device) (a mask "
+                                      "and not on the CPU), else SDPA's enable_gqa; is_causal when mask is None; "
                                       "(B, T, H * hd) through wo",
     }, {
         PRIMITIVES + "test_repeat_kv_gives_query_head_h_the_kv_head_h_over_n_rep":
             "repeat_kv: query head h reads kv head h // n_rep: expand a new dim right after Hkv, then reshape "
             "(torch.repeat would give h % Hkv)",
         CHECKS + "test_attention_equals_attention_by_hand_with_padding[True]":
-            "repeat_kv_heads=True: repeat k and v to H heads with repeat_kv, then SDPA with attn_mask=mask",
+            "repeat_kv_heads() True: repeat k and v to H heads with repeat_kv, then SDPA with attn_mask=mask",
         CHECKS + "test_attention_equals_attention_by_hand_with_padding[False]":
-            "repeat_kv_heads=False: SDPA(q, k, v, attn_mask=mask, enable_gqa=True) on the Hkv key/value heads",
+            "repeat_kv_heads() False: SDPA(q, k, v, attn_mask=mask, enable_gqa=True) on the Hkv key/value heads",
         CHECKS + "test_attention_with_a_kv_cache_equals_one_pass_over_the_sequence[True]":
             "with a cache: cache.k[layer, :, :, start:start + T] = k (likewise v), start = cache.length, then attend "
             "to slots :start + T; Attention leaves cache.length alone",
