@@ -109,12 +109,12 @@ def write(out: Path, settings: dict) -> dict:
     return summary
 
 
-def ci(d: dict, decimals: int = 4) -> str:
+def ci(d: dict, digits: int = 3) -> str:
     if d.get("value") is None:
         return "not measured near the target"
     if d.get("low") is None:
-        return f"{d['value']:.{decimals}f} (no interval)"
-    return f"{d['value']:.{decimals}f} [{d['low']:.{decimals}f}, {d['high']:.{decimals}f}]"
+        return f"{d['value']:.{digits}g} (no interval)"
+    return f"{d['value']:.{digits}g} [{d['low']:.{digits}g}, {d['high']:.{digits}g}]"
 
 
 def markdown(settings: dict, s: dict) -> str:
@@ -131,7 +131,7 @@ def markdown(settings: dict, s: dict) -> str:
              "## Retention cost at the target task loss", "",
              "| method | lr | cost at the target | seeds measured near it | per seed |", "|---|---|---|---|---|"]
     for m, r in s["methods"].items():
-        per = ", ".join("–" if not math.isfinite(x) else f"{x:.4f}" for x in r["per_seed"])
+        per = ", ".join("–" if not math.isfinite(x) else f"{x:.3g}" for x in r["per_seed"])
         parts.append(f"| {LABELS.get(m, m)} | {r['lr']:g} | {ci(r['matched'])} | {r['measured']}/{len(r['seeds'])}"
                      f" | {per} |")
     if s["statements"]:
