@@ -45,15 +45,15 @@ LORA_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
 PILOT_LRS = {"default": LORA_LRS, "pissa": (2.5e-4, 5e-4, 1e-3, 2e-3), "milora": (5e-4, 1e-3, 2e-3, 4e-3),
              "full": (1.25e-5, 2.5e-5, 5e-5, 1e-4)}
 # Sized for <= 120 min on 2 idle CPU cores: ~1300 training steps of batch 8 (pilot + main), cheap
-# probes (96 passages x 64 tokens, 48 validation problems) at 6 checkpoints per run, and the full
+# probes (64 passages x 64 tokens, 48 validation problems) at 6 checkpoints per run, and the full
 # probe set once at the end of each run.
-REAL_SIZES = {"wiki": 96, "wiki_tokens": 64, "nq": 48, "nq_em": 16, "mmlu": 32, "tqa": 32, "val": 48,
+REAL_SIZES = {"wiki": 64, "wiki_tokens": 64, "nq": 48, "nq_em": 16, "mmlu": 32, "tqa": 32, "val": 48,
               "pilot_val": 48, "test": 64, "test_acc": 16, "top_k": 256}
 SUITES = {
     "real": dict(preset="real", methods=REAL_METHODS, seeds=(0, 1, 2), steps=32, batch_size=8, warmup=2,
                  checkpoints=(1, 2, 4, 8, 16, 32), neighbours=0, rank=8, alpha=16.0, calib_source="nq-open",
-                 calib_samples=8, calib_len=128, sizes=REAL_SIZES,
-                 pilot=dict(seed=0, steps=6, lrs=PILOT_LRS, max_extensions=0)),
+                 calib_samples=16, calib_len=128, sizes=REAL_SIZES,
+                 pilot=dict(seed=0, steps=6, lrs=PILOT_LRS, max_extensions=1)),
     "real-long": dict(preset="real", methods=REAL_METHODS, seeds=(0, 1, 2, 3, 4), steps=240, batch_size=8,
                       warmup=10, checkpoints=(1, 2, 4, 8, 16, 32, 64, 128, 240), neighbours=1, rank=8, alpha=16.0,
                       calib_source="nq-open", calib_samples=32, calib_len=256,
