@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]        # the project this module belo
 CORE_FILES = ("model.py", "lora.py", "nullspace.py")
 NOT_COPIED = {"tests/test_exercises.py",          # tests that need the reference bodies: of this module,
               "tests/test_tutorial.py"}           # and of the code docs/TUTORIAL.md quotes
+TOP_LEVEL_OUTPUTS = {"runs", "out", "build"}
 SKIPPED_DIRS = {".git", ".venv", ".venv-ci", "runs", "out", "build", "__pycache__", ".pytest_cache", ".whl"}
 START = re.compile(r"^(?P<indent>[ \t]*)# exercise (?P<number>\d+): (?P<title>.+?)\s*$")
 END = re.compile(r"^(?P<indent>[ \t]*)# end exercise (?P<number>\d+)\s*$")
@@ -331,7 +332,9 @@ def project_files(root: Path) -> list[str]:
         names = []
     if not names:                                    # not a git checkout: walk it
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS and not d.endswith(".egg-info"))
+            top = Path(dirpath) == Path(root)  # runs/, out/, build/ are outputs only at the top (.gitignore's /runs/)
+            dirnames[:] = sorted(d for d in dirnames if not d.endswith(".egg-info") and not (
+                d in SKIPPED_DIRS and (top or d not in TOP_LEVEL_OUTPUTS)))
             names += [str(Path(dirpath, f).relative_to(root)) for f in sorted(filenames) if not f.endswith(".pyc")]
     return sorted(n.replace(os.sep, "/") for n in names if n.replace(os.sep, "/") not in NOT_COPIED)
 
