@@ -16,6 +16,7 @@ Conventions as in lora.py: W (m, n); the adapter adds s * (x @ A.T) @ B.T, A (r,
 B (m, r), s = alpha / r; W_res + s * B @ A == W. Block-by-block calibration for large
 models is in loranull_mini/calibration.py (tested equal to the hook here).
 """
+import contextlib
 import math
 import warnings
 
@@ -223,19 +224,33 @@ def init_adapters(layers: dict, init: str, covariances: dict | None = None, *, g
                          f"{missing[:3]}{'...' if len(missing) > 3 else ''}; compute them with "
                          f"nullspace.collect_covariances(model, batches, targets)")
     bases = {}  # (id(C), r) -> U_null
-    for name, layer in layers.items():
-        W, C = layer.base.weight.detach(), covariances[name] if init in NEEDS_COVARIANCE else None
-        try:
-            shared = {}
-            if init in TAKES_NULL_BASIS:
-                key = (id(C), layer.r)
-                if key not in bases:
-                    bases[key] = basis(C.to(W.device), layer.r)
-                shared = {"U_null": bases[key]}
-            A, B, W_res = INITS[init](W, C, layer.r, layer.alpha, generator=generator, **shared)
-        except ValueError as e:
-            raise ValueError(f"{init} init of {name}: {e}") from None
-        layer.initialize(A, B, W_res)
+    with one_thread():  # the same bits whatever the thread count (see one_thread)
+        for name, layer in layers.items():
+            W, C = layer.base.weight.detach(), covariances[name] if init in NEEDS_COVARIANCE else None
+            try:
+                shared = {}
+                if init in TAKES_NULL_BASIS:
+                    key = (id(C), layer.r)
+                    if key not in bases:
+                        bases[key] = basis(C.to(W.device), layer.r)
+                    shared = {"U_null": bases[key]}
+                A, B, W_res = INITS[init](W, C, layer.r, layer.alpha, generator=generator, **shared)
+            except ValueError as e:
+                raise ValueError(f"{init} init of {name}: {e}") from None
+            layer.initialize(A, B, W_res)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block in one thread. LAPACK's eigh and SVD round differently with 1 and 2
+    threads; training then amplifies the last-bit differences (toy, A trained: KL 2.766 vs
+    2.790), so the inits run in one thread and a run is the same on any thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def inject_adapters(model: nn.Module, targets=ALL_TARGETS, r: int = 8, alpha: float = 16, dropout: float = 0.0,
