@@ -113,12 +113,14 @@ def main(argv=None) -> dict:
     device, autocast_dtype = devices.pick_device(cfg.device, cfg.dtype)
     log = print if proc == 0 else (lambda *a, **k: None)
     out = Path(cfg.out or f"runs/{cfg.preset}-{cfg.init}{'-fa' if cfg.freeze_a else ''}")
-    if not cfg.resume and (out / runstate.CHECKPOINT).is_file():
-        raise FileExistsError(f"{out / runstate.CHECKPOINT} exists: pass --resume to continue it, or choose another --out")
+    if not cfg.resume:
+        runstate.check_fresh_out(out)                 # a checkpoint, or a finished run's adapter
     resumed = None
     if cfg.resume:  # the checkpoint and the metrics log it continues, both verified before anything loads
         resumed = runstate.read_checkpoint(out / runstate.CHECKPOINT, dataclasses.asdict(cfg))
         resumed["metrics"] = runstate.read_metrics(out / runstate.METRICS, resumed["step"])
+    if proc == 0:
+        runstate.lock_out(out)                        # one run at a time in an output directory
     torch.manual_seed(cfg.seed)
 
     # 1. the model and the data (process 0 fetches or builds cached assets first)
@@ -185,6 +187,7 @@ def main(argv=None) -> dict:
         log(f"forgotten  {forgetting.what}: KL(base || tuned) {summary['kl']:.4f} nats/token, "
             f"perplexity {100 * summary['ppl_change']:+.2f}%")
         log(f"wrote      {out}/adapter, {out}/adapter-delta, {out}/metrics.jsonl, {out}/loss.png, {out}/summary.json")
+        runstate.unlock_out(out)
     if world > 1:
         dist.barrier()
     return {"metrics": metrics, "start": result["start"], "out": str(out), "model": model, "layers": layers,
