@@ -515,3 +515,5 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except (ValueError, OSError, FloatingPointError, AssetError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted; the last checkpoint is kept: rerun the same command with --resume to go on")
