@@ -2,7 +2,10 @@
 
     python eval.py --adapter runs/real-null/adapter   # SmolLM2 + a trained adapter, against SmolLM2
     python eval.py --suite toy                        # every method on the toy world (loranull_mini/suite.py)
-    python eval.py --suite real [--quick]             # every method on SmolLM2 (resumable)
+    python eval.py --suite real                       # every method on SmolLM2, measured curves, seeds (resumable)
+    python eval.py --suite real --report-only         # rebuild its tables and figure from docs/results/real/runs
+    python eval.py --suite real-long                  # the same study for a GPU: 1 epoch, 5 seeds, 3 lrs per method
+    python eval.py --suite real --quick               # the earlier small grid study (real-quick)
     python eval.py --suite real-calibration           # LoRA-Null v2 calibrated on Wikipedia / the task
 
 Retention ("forgetting"), always on data that neither calibration nor training saw, and
@@ -40,7 +43,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from loranull_mini import adapter_io, metrics, suite  # noqa: E402
+from loranull_mini import adapter_io, metrics, study, suite  # noqa: E402
 from loranull_mini import data as datasets  # noqa: E402
 from loranull_mini.answers import answer_type  # noqa: E402
 from loranull_mini.data import Example  # noqa: E402
@@ -202,7 +205,7 @@ def evaluate_adapter(model_path: str, adapter: str, device: str = "auto", quick:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=["toy", "real", "real-calibration"],
+    parser.add_argument("--suite", choices=["toy", "real", "real-long", "real-calibration"],
                         help="run a whole comparison (loranull_mini/suite.py)")
     parser.add_argument("--quick", action="store_true", help="the small version of the suite or of the evaluation sets")
     parser.add_argument("--adapter", default="", help="adapter directory (train.py's OUT/adapter) to evaluate")
@@ -227,6 +230,8 @@ def main(argv=None):
         measure = suite.Measures(prepare_real=prepare_real, prepare_toy=prepare_toy, reference=reference,
                                  evaluate=evaluate, load_model_and_data=train.load_model_and_data,
                                  finetune=train.finetune, TrainConfig=train.TrainConfig, sizes=SIZES)
+        if args.suite in study.SUITES and not args.quick:
+            return study.run(args.suite, measure, out=args.out, device=args.device, report_only=args.report_only)
         return suite.run(args.suite, args.quick, measure, out=args.out, device=args.device,
                          workers=args.workers, report_only=args.report_only)
     result = evaluate_adapter(args.model, args.adapter, args.device, args.quick)

@@ -362,7 +362,7 @@ def mean_disturbance(layers, covariances, energies) -> float:
     for name, layer in layers.items():
         B, A = lora.update_factors(layer)                   # dW = s B A
         values.append(nullspace.knowledge_disturbance(layer.scaling * B, A, covariances[name], energies[name]))
-    return sum(values) / len(values)
+    return sum(values) / len(values) if values else math.nan  # no adapter (full fine-tuning): not defined
 
 
 class ForgettingProbe:

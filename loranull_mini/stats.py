@@ -108,3 +108,139 @@ def _cost_at_weights(curve: dict, target: float, wv: np.ndarray, ww: np.ndarray)
     losses = (np.asarray(curve["loss_sum"]) @ wv.T) / (np.asarray(curve["loss_tokens"]) @ wv.T)  # (P, B)
     costs = (np.asarray(curve["cost_sum"]) @ ww.T) / (np.asarray(curve["cost_tokens"]) @ ww.T)   # (P, B)
     return np.array([cost_at(losses[:, b], costs[:, b], target) for b in range(losses.shape[1])])
+
+
+# ----------------------------------------------------------------------------- curves of measured points
+def matched_cost(steps, losses, costs, target: float) -> float:
+    """One run's retention cost where its task loss first reaches `target`, linearly
+    interpolated between the two measured checkpoints that bracket it; NaN ("not measured
+    near the target") when no two consecutive checkpoints bracket it.
+
+    steps, losses, costs: the run's evaluated checkpoints (step >= 1), in any order. The base
+    model (step 0) is not a measured point of the run: a segment from it would be a chord
+    from cost 0, so it is refused.
+    """
+    if any(s <= 0 for s in steps):
+        raise ValueError("the base model (step 0) cannot be an end of an interpolated segment: "
+                         "pass the run's evaluated checkpoints only")
+    order = np.argsort(np.asarray(steps))
+    x, y = np.asarray(losses, float)[order], np.asarray(costs, float)[order]
+    for i in range(len(x) - 1):
+        lo, hi = sorted((x[i], x[i + 1]))
+        if lo <= target <= hi:
+            if x[i] == x[i + 1]:
+                return float(y[i])
+            t = (x[i] - target) / (x[i] - x[i + 1])
+            return float(y[i] + t * (y[i + 1] - y[i]))
+    return math.nan
+
+
+def _matched_cost_rows(losses: np.ndarray, costs: np.ndarray, target: float) -> np.ndarray:
+    """matched_cost for each column of (P, B) losses and costs (checkpoints in step order): (B,)."""
+    a, b = losses[:-1], losses[1:]                                        # (P-1, B) segment ends
+    hit = ((a - target) * (b - target) <= 0) & np.isfinite(a) & np.isfinite(b)
+    first = np.where(hit.any(0), hit.argmax(0), -1)                       # (B,) first bracketing segment
+    cols = np.arange(losses.shape[1])
+    i = np.clip(first, 0, None)
+    x0, x1, y0, y1 = a[i, cols], b[i, cols], costs[:-1][i, cols], costs[1:][i, cols]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = np.where(x0 == x1, 0.0, (x0 - target) / (x0 - x1))
+    return np.where(first >= 0, y0 + t * (y1 - y0), np.nan)
+
+
+def seed_costs(seed_curves: list[dict], target: float, n_boot: int, rng: np.random.Generator):
+    """Per seed, the matched cost of one method, and its item-resampled replicates.
+
+    seed_curves: per seed {"loss_sum": (P, Nv), "loss_tokens": (Nv,), "cost_sum": (P, Nw),
+    "cost_tokens": (Nw,)}, the P evaluated checkpoints in step order (no base point).
+    Returns (values (S,), replicates (S, B)); the items are drawn with `rng`, so two methods
+    given generators in the same state get the same item draws (paired)."""
+    values, replicates = [], []
+    for c in seed_curves:
+        nv, nw = len(c["loss_tokens"]), len(c["cost_tokens"])
+        wv = np.vstack([np.ones(nv), item_weights(nv, n_boot, rng)])      # row 0: the items as measured
+        ww = np.vstack([np.ones(nw), item_weights(nw, n_boot, rng)])
+        losses = (np.asarray(c["loss_sum"]) @ wv.T) / (np.asarray(c["loss_tokens"]) @ wv.T)  # (P, 1+B)
+        costs = (np.asarray(c["cost_sum"]) @ ww.T) / (np.asarray(c["cost_tokens"]) @ ww.T)
+        m = _matched_cost_rows(losses, costs, target)
+        values.append(m[0])
+        replicates.append(m[1:])
+    return np.array(values), np.array(replicates)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom (numerical CDF + bisection)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(t):
+        x = np.linspace(0.0, t, 4001)
+        return 0.5 + np.trapezoid(c * (1 + x * x / df) ** (-(df + 1) / 2), x)
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def t_pvalue(t: float, df: int) -> float:
+    """Two-sided p-value of a t statistic."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    x = np.linspace(0.0, abs(t), 4001)
+    return float(max(0.0, 1 - 2 * np.trapezoid(c * (1 + x * x / df) ** (-(df + 1) / 2), x)))
+
+
+def seed_interval(per_seed, replicates=None, level: float = 0.95, seed: int = 0) -> dict:
+    """The mean over seeds of a per-seed quantity (a matched cost, or a paired difference of
+    two methods' matched costs) and its interval, seeds being the experimental unit.
+
+    t: mean +- t_{n-1} sd / sqrt(n). Two-level bootstrap: seeds drawn with replacement, then for
+    each drawn seed one of its item-resampled replicates ((S, B), from seed_costs); percentile
+    interval. The wider of the two is the interval. NaN where any seed is not measured."""
+    v = np.asarray(per_seed, float)
+    n = len(v)
+    out = {"value": float(v.mean()) if n else math.nan, "n": n}
+    if n < 2 or not np.isfinite(v).all():
+        return {**out, "low": math.nan, "high": math.nan, "p": math.nan}
+    sd = float(v.std(ddof=1))
+    half = t_quantile(1 - (1 - level) / 2, n - 1) * sd / math.sqrt(n)
+    low, high = out["value"] - half, out["value"] + half
+    p = t_pvalue(out["value"] / (sd / math.sqrt(n)), n - 1) if sd > 0 else (0.0 if out["value"] != 0 else 1.0)
+    out.update(t_low=low, t_high=high, p=p)
+    if replicates is not None:
+        r = np.asarray(replicates, float)                                  # (S, B)
+        rng = np.random.default_rng(seed)
+        s = rng.integers(0, n, size=(r.shape[1], n))                       # seeds, per replicate
+        b = rng.integers(0, r.shape[1], size=(r.shape[1], n))              # then items within each seed
+        boot = r[s, b].mean(1)
+        boot = boot[np.isfinite(boot)]
+        if len(boot):
+            bl, bh = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+            out.update(boot_low=float(bl), boot_high=float(bh))
+            if bh - bl > high - low:
+                low, high = float(bl), float(bh)
+    return {**out, "low": float(low), "high": float(high)}
+
+
+def holm_verdicts(comparisons: list[dict], alpha: float = 0.05, interval=None) -> list[str]:
+    """Holm's step-down over a report's statements: "yes" (the method's cost is lower), "no"
+    (higher), "not shown". comparisons: per statement, its per-seed differences "d" and item
+    replicates "replicates" (or None). The i-th smallest p-value is tested at level alpha /
+    (k - i), with the wider of its t and bootstrap intervals at that level; once one is not
+    shown, every later one is not shown."""
+    interval = interval or seed_interval
+    k = len(comparisons)
+    verdicts = ["not shown"] * k
+    tested = [(interval(c["d"], c.get("replicates"))["p"], i) for i, c in enumerate(comparisons)]
+    order = sorted((p, i) for p, i in tested if math.isfinite(p))
+    for rank, (_, i) in enumerate(order):
+        level = 1 - alpha / (k - rank)
+        ci = interval(comparisons[i]["d"], comparisons[i].get("replicates"), level=level)
+        if ci["high"] < 0:
+            verdicts[i] = "yes"
+        elif ci["low"] > 0:
+            verdicts[i] = "no"
+        else:
+            break
+    return verdicts
