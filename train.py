@@ -119,8 +119,6 @@ def main(argv=None) -> dict:
     if cfg.resume:  # the checkpoint and the metrics log it continues, both verified before anything loads
         resumed = runstate.read_checkpoint(out / runstate.CHECKPOINT, dataclasses.asdict(cfg))
         resumed["metrics"] = runstate.read_metrics(out / runstate.METRICS, resumed["step"])
-    if proc == 0:
-        runstate.lock_out(out)                        # one run at a time in an output directory
     torch.manual_seed(cfg.seed)
 
     # 1. the model and the data (process 0 fetches or builds cached assets first)
@@ -167,9 +165,14 @@ def main(argv=None) -> dict:
     # 3. the optimizer, then the loop
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     if proc == 0:
+        runstate.lock_out(out)                        # one run at a time in an output directory
         runstate.record_run(out, dataclasses.asdict(cfg), resumed["step"] if resumed else None)
-    result = finetune(cfg, model, layers, optimizer, data, tok.pad_id, covariances, device, autocast_dtype,
-                      out=out, resumed=resumed, proc=proc, world=world, log=log)
+    try:
+        result = finetune(cfg, model, layers, optimizer, data, tok.pad_id, covariances, device, autocast_dtype,
+                          out=out, resumed=resumed, proc=proc, world=world, log=log)
+    except BaseException:
+        runstate.unlock_out(out)
+        raise
     metrics = result["metrics"]
 
     # 4. the outputs, and what the run cost in what the model knew

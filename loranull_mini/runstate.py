@@ -143,6 +143,8 @@ def lock_out(out: Path):
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except PermissionError:
+            return  # a read-only directory: nothing can be written there, the first write says so
         except FileExistsError:
             try:
                 pid = int(path.read_text().strip() or 0)

@@ -421,7 +421,7 @@ def test_a_kill_between_the_adapters_two_files_leaves_the_old_adapter_and_resume
         resume(run_dir, "--steps", "16")
 
 
-def test_a_second_run_into_an_output_directory_in_use_is_refused(tmp_path, nothing_loads):
+def test_a_second_run_into_an_output_directory_in_use_is_refused(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         out = tmp_path / "run"
@@ -429,6 +429,7 @@ def test_a_second_run_into_an_output_directory_in_use_is_refused(tmp_path, nothi
         (out / runstate.LOCK).write_text(f"{other.pid}\n")  # the lock of a run that is still alive
         with pytest.raises(FileExistsError, match=f"is in use by another run \\(process {other.pid}"):
             train.main(QUICK + ["--out", str(out)])
+        assert sorted(p.name for p in out.iterdir()) == [runstate.LOCK]   # nothing written beside it
     finally:
         other.kill()
         other.wait()
