@@ -32,23 +32,21 @@ import argparse
 import copy
 import json
 import math
-import os
 import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning threads hurt a busy machine
-import torch  # noqa: E402
+from loranull_mini import adapter_io, metrics, study, suite  # first: the package sets the thread policy before torch
+import torch
 
-import train  # noqa: E402
-from loranull_mini import adapter_io, metrics, study, suite  # noqa: E402
-from loranull_mini import data as datasets  # noqa: E402
-from loranull_mini.answers import answer_type  # noqa: E402
-from loranull_mini.data import Example  # noqa: E402
-from loranull_mini.devices import pick_device  # noqa: E402
-from loranull_mini.files import write_json  # noqa: E402
+import train
+from loranull_mini import data as datasets
+from loranull_mini.answers import answer_type
+from loranull_mini.data import Example
+from loranull_mini.devices import pick_device
+from loranull_mini.files import write_json
 
 SIZES = {  # evaluation sets of a full evaluation (suites may choose smaller ones)
     "wiki": 200, "wiki_tokens": 96, "nq": 200, "nq_em": 64, "mmlu": 100, "tqa": 100, "val": 100,

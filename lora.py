@@ -59,10 +59,9 @@ class LoRALinear(nn.Module):
         self.dropout_p = dropout
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         m, n = base.weight.shape
-        A = torch.empty(r, n, device=base.weight.device)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))                 # vanilla LoRA until initialize()
-        self.A = nn.Parameter(A, requires_grad=not freeze_A)        # (r, n)
-        self.B = nn.Parameter(torch.zeros(m, r, device=base.weight.device))  # (m, r)
+        # zero until initialize() gives the init's factors: an init draws A, the layer never does
+        self.A = nn.Parameter(torch.zeros(r, n, device=base.weight.device), requires_grad=not freeze_A)  # (r, n)
+        self.B = nn.Parameter(torch.zeros(m, r, device=base.weight.device))                               # (m, r)
         self.register_buffer("A0", None)
         self.register_buffer("B0", None)
 
@@ -82,20 +81,28 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def initialize(self, A: torch.Tensor, B: torch.Tensor, W_res: torch.Tensor):
-        """Start from an init's (A, B, W_res). Must be called on a fresh, unmerged layer."""
+        """Start from an init's (A, B, W_res), used as given. Must be called on a fresh, unmerged layer.
+
+        W_res must equal W - s * B @ A up to rounding (the identity every init keeps); one that
+        differs by more is refused, never replaced. Every init forms it with residual_weight,
+        the formula that puts a saved adapter back on the original weights, so both give the
+        same bits.
+        """
         if self.merged or self.has_residual:
             raise ValueError("initialize() needs a fresh, unmerged layer")
-        if A.shape != self.A.shape or B.shape != self.B.shape or W_res.shape != self.base.weight.shape:
+        W = self.base.weight
+        if A.shape != self.A.shape or B.shape != self.B.shape or W_res.shape != W.shape:
             raise ValueError(f"init shapes A {tuple(A.shape)}, B {tuple(B.shape)}, W_res {tuple(W_res.shape)} "
-                             f"do not fit A {tuple(self.A.shape)}, B {tuple(self.B.shape)}, "
-                             f"W {tuple(self.base.weight.shape)}")
+                             f"do not fit A {tuple(self.A.shape)}, B {tuple(self.B.shape)}, W {tuple(W.shape)}")
+        error = float((W_res.float() - residual_weight(W, A, B, self.scaling).float()).abs().max())
+        if not error <= rounding_tolerance(W, A, B, self.scaling):
+            raise ValueError(f"W_res differs from W - s * B @ A by {error:.3g}, more than rounding: "
+                             f"an init must keep W_res + s * B @ A == W")
         self.A.copy_(A)
         self.B.copy_(B)
-        if not torch.equal(W_res, self.base.weight):  # the init moved weight into the adapter
+        if not torch.equal(W_res, W):  # the init moved weight into the adapter
             self.A0, self.B0 = self.A.detach().clone(), self.B.detach().clone()
-            # One formula for the residual, here and when an adapter is put back on the original
-            # weights, so both give the same bits (the init's own W_res equals it up to rounding).
-            self.base.weight.copy_(residual_weight(self.base.weight, self.A0, self.B0, self.scaling))
+            W.copy_(W_res)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A, (out, in), float32: what merging adds to the base weight."""
@@ -131,8 +138,16 @@ class LoRALinear(nn.Module):
 
 
 def residual_weight(W: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, scaling: float) -> torch.Tensor:
-    """W_res = W - s * B0 @ A0, computed in float32 and returned in W's dtype."""
-    return torch.addmm(W.float(), B0.float(), A0.float(), alpha=-scaling).to(W.dtype)
+    """W_res = W - s * B0 @ A0, computed in float32 (float64 for a float64 W), returned in W's dtype."""
+    dtype = factor_dtype(W)
+    return torch.addmm(W.to(dtype), B0.to(dtype), A0.to(dtype), alpha=-scaling).to(W.dtype)
+
+
+def rounding_tolerance(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> float:
+    """How far two roundings of W - s * B @ A may differ: a few ulps of W's dtype at the size of
+    its terms (|W| and |s B A| <= s * |B| |A| row by column)."""
+    size = float(W.abs().max()) + scaling * float(B.abs().sum(1).max()) * float(A.abs().max())
+    return 8 * torch.finfo(W.dtype).eps * size
 
 
 def update_factors(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +190,7 @@ def vanilla_init(W: torch.Tensor, r: int, alpha: float, *, generator: torch.Gene
     """
     check_rank(W, r)
     m, n = W.shape
-    A = torch.empty(r, n)
+    A = torch.empty(r, n)  # the one place a random A is drawn
     nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
     return A.to(W.device, factor_dtype(W)), torch.zeros(m, r, device=W.device, dtype=factor_dtype(W)), W.clone()
 
@@ -219,8 +234,8 @@ def _svd_split(W: torch.Tensor, r: int, alpha: float, keep: slice, niter: int | 
     root = torch.sqrt(S_r / s)                                     # (r,)
     A = root[:, None] * Vh_r                                       # (r, n)
     B = U_r * root[None, :]                                        # (m, r)
-    W_res = W32 - s * B @ A                                        # (m, n)
-    return A.to(factor_dtype(W)), B.to(factor_dtype(W)), W_res.to(W.dtype)
+    A, B = A.to(factor_dtype(W)), B.to(factor_dtype(W))
+    return A, B, residual_weight(W, A, B, s)                       # W_res = W - s * B @ A (m, n)
     # end exercise 4
 
 
@@ -263,12 +278,17 @@ def wrap_linear(model: nn.Module, name: str, r: int, alpha: float, dropout: floa
 
 def target_module_names(model: nn.Module, targets) -> list[str]:
     """Short target names ("q", "down", ...) -> module names ("layers.0.attention.wq", ...)."""
-    unknown = [t for t in targets if t not in PROJECTIONS]
-    if unknown or not targets:
-        raise ValueError(f"unknown LoRA target(s) {unknown}; valid targets: {list(PROJECTIONS)}")
+    check_targets(targets)
     suffixes = tuple("." + PROJECTIONS[t] for t in targets)
     return [name for name, m in model.named_modules()
             if name.endswith(suffixes) and isinstance(m, (nn.Linear, LoRALinear))]
+
+
+def check_targets(targets):
+    """The one check of a list of short target names."""
+    unknown = [t for t in targets if t not in PROJECTIONS]
+    if unknown or not targets:
+        raise ValueError(f"unknown LoRA target(s) {unknown}; valid targets: {list(PROJECTIONS)}")
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

@@ -142,13 +142,14 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------- blocks
-class Attention(nn.Module):
-    # Grouped-query attention: SDPA can pair each key/value head with its n_rep query heads
-    # itself (enable_gqa), so k and v are not copied n_rep times. CUDA's kernels for an
-    # explicit mask lack that option: there the heads are repeated first (repeat_kv).
-    # None picks that way; True / False forces one branch (the tests compare the two).
-    repeat_kv_heads: bool | None = None
+def repeat_kv_heads(mask, device) -> bool:
+    """Grouped-query attention: SDPA can pair each key/value head with its n_rep query heads
+    itself (enable_gqa), so k and v are not copied n_rep times. CUDA's kernels for an explicit
+    mask lack that option: there the heads are repeated first (repeat_kv)."""
+    return mask is not None and device.type != "cpu"
 
+
+class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
@@ -169,9 +170,7 @@ class Attention(nn.Module):
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
             k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]  # (B, Hkv, S, hd)
-        repeat = self.repeat_kv_heads
-        if repeat is None:
-            repeat = mask is not None and x.device.type != "cpu"
+        repeat = repeat_kv_heads(mask, x.device)
         if repeat:
             n_rep = self.n_heads // self.n_kv_heads
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)                          # (B, H, S, hd)
@@ -329,45 +328,43 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         raise ValueError("generate needs at least one prompt and no empty prompt")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the output")
-    device = next(model.parameters()).device
-    B, T0 = len(prompts), max(len(p) for p in prompts)
+    T0 = max(len(p) for p in prompts)
     if T0 >= model.config.max_seq_len:
         raise ValueError(f"a prompt of {T0} tokens leaves no room to generate within max_seq_len "
                          f"{model.config.max_seq_len}")
-    idx = torch.full((B, T0), pad_id, dtype=torch.long, device=device)
-    pad_mask = torch.zeros(B, T0, dtype=torch.bool, device=device)
-    for b, p in enumerate(prompts):                                   # left padding
-        idx[b, T0 - len(p):] = torch.tensor(p, dtype=torch.long)
-        pad_mask[b, T0 - len(p):] = True
+    param = next(model.parameters())
+    idx, pad_mask = left_pad(prompts, pad_id, param.device)                 # (B, T0) each
     total = min(T0 + max_new_tokens, model.config.max_seq_len)
-    cache = KVCache(model.config, B, total, device, next(model.parameters()).dtype) if use_cache else None
-
-    stop_ids = set(stop_ids)
-    out = [[] for _ in range(B)]
-    done = [False] * B
-    step_idx, step_mask = idx, pad_mask
+    cache = KVCache(model.config, len(prompts), total, param.device, param.dtype) if use_cache else None
+    window = 4 * max(map(len, stop_strings), default=0)  # a stop string spans at most 4 tokens a character
+    out, done = [[] for _ in prompts], [False] * len(prompts)
     for _ in range(total - T0):
-        logits, _ = model(step_idx, pad_mask=step_mask, cache=cache)
-        next_id = _pick(logits[:, -1], temperature, top_k, generator)         # (B,)
-        for b in range(B):
-            if done[b]:
-                continue
-            token = int(next_id[b])
-            if token in stop_ids:
-                done[b] = True
-                continue
-            out[b].append(token)
-            if stop_strings and any(s in tokenizer.decode(out[b]) for s in stop_strings):
-                done[b] = True
+        logits, _ = model(idx, pad_mask=pad_mask, cache=cache)
+        new = _pick(logits[:, -1], temperature, top_k, generator)[:, None]      # (B, 1)
+        for b, token in enumerate(new[:, 0].tolist()):
+            if not done[b]:
+                done[b] = token in stop_ids
+                out[b] += [] if done[b] else [token]
+                done[b] |= any(s in tokenizer.decode(out[b][-window:]) for s in stop_strings)  # the tail only
         if all(done):
             break
-        new = next_id[:, None]
-        if use_cache:
-            step_idx, step_mask = new, torch.ones_like(new, dtype=torch.bool)
-        else:
-            step_idx = torch.cat([step_idx, new], dim=1)
-            step_mask = torch.cat([step_mask, torch.ones_like(new, dtype=torch.bool)], dim=1)
+        step_mask = torch.ones_like(new, dtype=torch.bool)
+        if use_cache:   # the cache holds the past: feed only the new token
+            idx, pad_mask = new, step_mask
+        else:           # no cache: the whole sequence again
+            idx, pad_mask = torch.cat([idx, new], dim=1), torch.cat([pad_mask, step_mask], dim=1)
     return out
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, pad_mask) (B, T0): the prompts right-aligned, pad_mask True at real tokens."""
+    T0 = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T0), pad_id, dtype=torch.long, device=device)
+    pad_mask = torch.zeros(len(prompts), T0, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        idx[b, T0 - len(p):] = torch.tensor(p, dtype=torch.long)
+        pad_mask[b, T0 - len(p):] = True
+    return idx, pad_mask
 
 
 def _pick(logits, temperature, top_k, generator):

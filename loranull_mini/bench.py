@@ -28,31 +28,28 @@ torch.set_num_threads to change them; the table's header says how many ran). On 
 (--device cuda) both stacks train, calibrate and generate under bfloat16 autocast with
 SDPA. transformers and peft are benchmark/test-only dependencies (pip install -e .[test]).
 Timing on a shared machine is noisy: compare ratios, not absolute numbers, and set
-OMP_WAIT_POLICY=PASSIVE (done below, before torch loads).
+OMP_WAIT_POLICY=PASSIVE (loranull_mini/__init__.py does, before torch loads).
 """
 from __future__ import annotations
 
+import argparse
+import copy
+import ctypes
+import dataclasses
+import gc
+import json
+import multiprocessing
 import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads hurt a busy machine
+import torch
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import ctypes  # noqa: E402
-import dataclasses  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from model import PROJECTIONS, ModelConfig  # noqa: E402
+from model import PROJECTIONS, ModelConfig
 
 # our short target names -> the module names of transformers' LLaMA
 HF_PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -334,14 +331,15 @@ def measure_null_vs_corda(cfg, stacks, device, log, windows: torch.Tensor, repea
     from peft import get_peft_model
     from peft.tuners.lora.corda import preprocess_corda
 
-    from loranull_mini import calibration
+    from loranull_mini import calibration, fastbasis
 
     batches = calibration_batches(windows, cfg.calib_batch, device)
     windows = windows.to(device)
 
     def ours_init(model):
         calibration.inject_blockwise(model, batches, ALL_TARGETS, r=cfg.rank, alpha=cfg.alpha, init="null",
-                                     dtype=torch.float32, keep_covariances=False)
+                                     dtype=torch.float32, keep_covariances=False,
+                                     basis=fastbasis.smallest_eigenvectors)  # train.py --null-basis fast
 
     def theirs_init(model):
         config = peft_config(cfg.rank, cfg.alpha, "corda")

@@ -17,20 +17,19 @@ whole-model collection bit for bit) in the form a 7B model needs:
   depth; each block's adapters can be initialised as soon as its covariances are complete
   (inject_blockwise); sums are all-reduced over torch.distributed ranks; the last block's
   sums are zeroed and reused by the next (a fresh large buffer costs page faults);
-- inject_blockwise: calibration + init by nullspace.INITS, one null basis per distinct input
-  (fastbasis.smallest_eigenvectors by default, nullspace.null_basis's eigh on request).
+- inject_blockwise: calibration + nullspace.init_adapters, block by block. The mathematics
+  is nullspace.py's: each C comes from nullspace.covariance, each init from nullspace.INITS
+  (null_basis's eigh by default; a faster basis function such as fastbasis's can be passed in).
 """
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import torch
 from torch import Tensor, nn
 
 import lora
 import nullspace
-from loranull_mini import fastbasis
 from model import PROJECTIONS, rotary_cos_sin
 
 
@@ -47,9 +46,7 @@ def input_groups(model: nn.Module, targets=nullspace.ALL_TARGETS, blocks=None) -
     E.g. block 3 with all targets: {"layers.3.attention.wq": [wq, wk, wv], "...wo": [wo],
     "...w_gate": [w_gate, w_up], "...w_down": [w_down]}. The first layer of a group is hooked.
     """
-    unknown = [t for t in targets if t not in PROJECTIONS]
-    if unknown or not targets:
-        raise ValueError(f"unknown LoRA targets {unknown}; choose from {list(PROJECTIONS)}")
+    lora.check_targets(targets)
     groups = {}
     for i in range(len(model.layers)) if blocks is None else blocks:
         hooked = {}  # shared input -> the layer hooked for it
@@ -118,28 +115,6 @@ def symmetrize_(S: Tensor, panels: list[tuple[int, int]]) -> Tensor:
         D = S[a:b, a:b]
         D.copy_((D + D.T) / 2)
     return S
-
-
-def covariance_from_sum(S: Tensor, N: int, name: str) -> Tensor:
-    """nullspace.covariance for an exactly symmetric S: S / N, in one pass.
-
-    (S + S^T) / (2N) = 2S / 2N, and doubling is exact: the same numbers, bit for bit.
-    """
-    if not N:
-        raise ValueError(f"no calibration tokens reached {name}")
-    if not torch.isfinite(S.diagonal()).all():
-        raise ValueError(f"NaN/Inf in the calibration activations entering {name}")
-    if N < S.shape[0]:
-        warnings.warn(f"{name}: only N={N} calibration tokens for n={S.shape[0]} input features; the covariance "
-                      f"is rank-deficient, so the null basis is an arbitrary choice among {S.shape[0] - N} or "
-                      f"more zero eigenvalues", stacklevel=3)
-    return S / N
-
-
-def all_finite(t: Tensor) -> bool:
-    """True when t holds no NaN/Inf. A sum is finite only if every term is, so one cheap
-    reduction settles it; only a sum that overflowed needs the element-wise test."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def signed_max_per_sequence(x: Tensor, keep: Tensor | None) -> Tensor:
@@ -245,11 +220,12 @@ class CovarianceCollector:
             self.model.train(was_training)
 
     def finalize(self) -> dict[str, Tensor]:
-        """{layer: C (n, n) float64}, C = S / N (S exactly symmetric); layers sharing an input share C."""
+        """{layer: C (n, n) float64} by nullspace.covariance (S is exactly symmetric, so C = S / N
+        bit for bit); layers sharing an input share C."""
         self.flush()
         covariances = {}
         for hooked, sharing in self.groups.items():
-            C = covariance_from_sum(self.sums.get(hooked), int(self.counts.get(hooked, 0)), " / ".join(sharing))
+            C = nullspace.covariance(self.sums.get(hooked), int(self.counts.get(hooked, 0)), " / ".join(sharing))
             covariances.update(dict.fromkeys(sharing, C))
         return covariances
 
@@ -348,98 +324,29 @@ def calibrate_blockwise(model: nn.Module, batches, targets=nullspace.ALL_TARGETS
     return covariances
 
 
-NULL_BASES = ("fast", "eigh")
-
-
-def null_basis(C: Tensor, r: int, basis: str = "fast") -> Tensor:
-    """U (n, r) float64: eigenvectors of C's r smallest eigenvalues (their span, for "fast").
-
-    "fast": fastbasis.smallest_eigenvectors (Cholesky + block Krylov on the inverse + float64
-    Rayleigh-Ritz, captured energy within 0.1% of the minimum by its stopping test; the exact
-    eigh when it cannot show that); "eigh": nullspace.null_basis, the full eigendecomposition.
-    """
-    if basis == "fast":
-        return fastbasis.smallest_eigenvectors(C, r)
-    if basis == "eigh":
-        return nullspace.null_basis(C, r)
-    raise ValueError(f"unknown null basis method {basis!r}; choose from {list(NULL_BASES)}")
-
-
-def null_factors(W: Tensor, U: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """LoRA-Null's (A, B) from a known basis U (n, r): nullspace.loranull_init's formulas,
-    without its per-layer input checks (C was checked once, when its basis was computed) and
-    without W_res (LoRALinear.initialize forms it from A and B)."""
-    s = alpha / U.shape[1]
-    U = U.to(W.device, torch.float64)
-    U_w, S, Qh = torch.linalg.svd(W.detach().double() @ U, full_matrices=False)  # (m, r), (r,), (r, r)
-    root = torch.sqrt(S / s)
-    dtype = lora.factor_dtype(W)
-    return (root[:, None] * (Qh @ U.T)).to(dtype), (U_w * root[None, :]).to(dtype)
-
-
-def check_weight(W: Tensor, C: Tensor, r: int):
-    """nullspace.check_init_inputs' checks of W (the rest concern C and alpha, checked with the basis)."""
-    if W.ndim != 2 or tuple(C.shape) != (W.shape[1], W.shape[1]):
-        raise ValueError(f"covariance shape {tuple(C.shape)} does not match W of shape {tuple(W.shape)}")
-    lora.check_rank(W, r)
-    if not all_finite(W):
-        raise ValueError("W contains NaN/Inf")
-
-
-def init_layers(layers: dict, init: str, covariances: dict | None, generator: torch.Generator, *,
-                basis: str = "fast"):
-    """Start the given LoRALinears from nullspace.INITS[init], with one null basis per
-    distinct covariance for "null" and "space" (q/k/v and gate/up read one input, so they
-    share one), computed by `basis` ("fast" or "eigh", see null_basis)."""
-    if basis not in NULL_BASES:
-        raise ValueError(f"unknown null basis method {basis!r}; choose from {list(NULL_BASES)}")
-    bases = {}  # (id(C), r) -> null basis
-    for name, layer in layers.items():
-        C = covariances[name] if init in nullspace.NEEDS_COVARIANCE else None
-        W = layer.base.weight.detach()
-        try:
-            if init in ("null", "space"):
-                key = (id(C), layer.r)
-                if key not in bases:
-                    nullspace.check_init_inputs(W, C, layer.r, layer.alpha)  # C's checks: once per basis
-                    bases[key] = null_basis(C.to(W.device), layer.r, basis)
-                if init == "null":
-                    check_weight(W, C, layer.r)
-                    A, B = null_factors(W, bases[key], layer.alpha)
-                    W_res = lora.residual_weight(W, A, B, layer.scaling)
-                else:
-                    A, B, W_res = nullspace.space_only_init(W, C, layer.r, layer.alpha, U_null=bases[key])
-            else:
-                A, B, W_res = nullspace.INITS[init](W, C, layer.r, layer.alpha, generator=generator)
-        except ValueError as e:
-            raise ValueError(f"{init} init of {name}: {e}") from None
-        layer.initialize(A, B, W_res)
-
-
 def inject_blockwise(model: nn.Module, batches, targets=nullspace.ALL_TARGETS, *, r: int = 8,
                      alpha: float = 16, dropout: float = 0.0, init: str = "null",
-                     freeze_A: bool = False, seed: int = 0, basis: str = "fast", **calibration):
+                     freeze_A: bool = False, seed: int = 0, basis=nullspace.null_basis, **calibration):
     """Calibrate and initialise the adapters block by block: (layers, covariances).
 
-    With basis="eigh", the same adapters as `nullspace.inject_adapters(model, targets, r, alpha,
-    dropout, init, covariances=calibrate(model, batches, targets), freeze_A=freeze_A, seed=seed)`
+    The same adapters as `nullspace.inject_adapters(model, targets, r, alpha, dropout, init,
+    covariances=calibrate(model, batches, targets), freeze_A=freeze_A, seed=seed, basis=basis)`
     (vanilla's random A included: layers draw in the same order from one generator), but each
-    block is initialised as soon as its covariances are complete, so they can be dropped
-    (keep_covariances=False) before the next block runs. The default basis="fast" gives "null"
-    and "space" a basis of (almost) the same null space from fastbasis: the same adapters up to
-    the choice of basis inside it (see null_basis). **calibration: the keywords of
+    block is initialised by nullspace.init_adapters as soon as its covariances are complete,
+    so they can be dropped (keep_covariances=False) before the next block runs.
+    basis(C, r) -> U_null: nullspace.null_basis (eigh) or a faster function of the same
+    contract (loranull_mini.fastbasis.smallest_eigenvectors). **calibration: the keywords of
     calibrate_blockwise (dtype, keep_covariances, covariance_device, hidden_device, ...).
     """
-    if init not in nullspace.INITS:
-        raise ValueError(f"unknown init {init!r}; valid inits: {list(nullspace.INITS)}")
-    names = lora.target_module_names(model, targets)  # module order, as inject_lora draws
+    nullspace.check_init(init)
+    names = lora.target_module_names(model, targets)  # module order, as inject_adapters draws
     generator = torch.Generator().manual_seed(seed)
     layers = {}
 
     def init_block(i, covariances):
         block_layers = {name: lora.wrap_linear(model, name, r, alpha, dropout, freeze_A)
                         for name in names if name.startswith(f"layers.{i}.")}
-        init_layers(block_layers, init, covariances, generator, basis=basis)
+        nullspace.init_adapters(block_layers, init, covariances, generator=generator, basis=basis)
         layers.update(block_layers)
 
     covariances = calibrate_blockwise(model, batches, targets, init_block=init_block, **calibration)

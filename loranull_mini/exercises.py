@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]        # the project this module belo
 CORE_FILES = ("model.py", "lora.py", "nullspace.py")
 NOT_COPIED = {"tests/test_exercises.py",          # tests that need the reference bodies: of this module,
               "tests/test_tutorial.py"}           # and of the code docs/TUTORIAL.md quotes
+TOP_LEVEL_OUTPUTS = {"runs", "out", "build"}
 SKIPPED_DIRS = {".git", ".venv", ".venv-ci", "runs", "out", "build", "__pycache__", ".pytest_cache", ".whl"}
 START = re.compile(r"^(?P<indent>[ \t]*)# exercise (?P<number>\d+): (?P<title>.+?)\s*$")
 END = re.compile(r"^(?P<indent>[ \t]*)# end exercise (?P<number>\d+)\s*$")
@@ -87,17 +88,17 @@ EXERCISES = [
                               "n_rep and reshaped to (B, Hkv * n_rep, S, hd)",
         "model.py:Attention.forward": "q, k, v: projections viewed (B, T, heads, hd), transposed to (B, heads, T, hd); "
                                       "rotate q and k; with a cache, write k, v at slots cache.length.. of `layer` and "
-                                      "read every slot so far; repeat_kv when self.repeat_kv_heads (None: a mask and "
-                                      "not on the CPU), else SDPA's enable_gqa; is_causal when mask is None; "
+                                      "read every slot so far; repeat_kv when repeat_kv_heads(mask, x.device) (a mask "
+                                      "and not on the CPU), else SDPA's enable_gqa; is_causal when mask is None; "
                                       "(B, T, H * hd) through wo",
     }, {
         PRIMITIVES + "test_repeat_kv_gives_query_head_h_the_kv_head_h_over_n_rep":
             "repeat_kv: query head h reads kv head h // n_rep: expand a new dim right after Hkv, then reshape "
             "(torch.repeat would give h % Hkv)",
         CHECKS + "test_attention_equals_attention_by_hand_with_padding[True]":
-            "repeat_kv_heads=True: repeat k and v to H heads with repeat_kv, then SDPA with attn_mask=mask",
+            "repeat_kv_heads() True: repeat k and v to H heads with repeat_kv, then SDPA with attn_mask=mask",
         CHECKS + "test_attention_equals_attention_by_hand_with_padding[False]":
-            "repeat_kv_heads=False: SDPA(q, k, v, attn_mask=mask, enable_gqa=True) on the Hkv key/value heads",
+            "repeat_kv_heads() False: SDPA(q, k, v, attn_mask=mask, enable_gqa=True) on the Hkv key/value heads",
         CHECKS + "test_attention_with_a_kv_cache_equals_one_pass_over_the_sequence[True]":
             "with a cache: cache.k[layer, :, :, start:start + T] = k (likewise v), start = cache.length, then attend "
             "to slots :start + T; Attention leaves cache.length alone",
@@ -331,7 +332,9 @@ def project_files(root: Path) -> list[str]:
         names = []
     if not names:                                    # not a git checkout: walk it
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS and not d.endswith(".egg-info"))
+            top = Path(dirpath) == Path(root)  # runs/, out/, build/ are outputs only at the top (.gitignore's /runs/)
+            dirnames[:] = sorted(d for d in dirnames if not d.endswith(".egg-info") and not (
+                d in SKIPPED_DIRS and (top or d not in TOP_LEVEL_OUTPUTS)))
             names += [str(Path(dirpath, f).relative_to(root)) for f in sorted(filenames) if not f.endswith(".pyc")]
     return sorted(n.replace(os.sep, "/") for n in names if n.replace(os.sep, "/") not in NOT_COPIED)
 

@@ -257,11 +257,9 @@ class Study:
         layers = lora.inject_lora(model, nullspace.ALL_TARGETS, self.s["rank"], self.s["alpha"], freeze_A=frozen,
                                   seed=seed)
         if key not in self.inits:
-            fresh = lora.inject_lora(copy.deepcopy(self.world()["base"]), nullspace.ALL_TARGETS, self.s["rank"],
-                                     self.s["alpha"], freeze_A=frozen, seed=seed)
-            for layer in fresh.values():
-                layer.B.data.zero_()
-            calibration.init_layers(fresh, init, covariances, torch.Generator().manual_seed(seed))
+            fresh = nullspace.inject_adapters(copy.deepcopy(self.world()["base"]), nullspace.ALL_TARGETS,
+                                              self.s["rank"], self.s["alpha"], init=init, covariances=covariances,
+                                              freeze_A=frozen, seed=seed)
             self.inits[key] = {name: {k: getattr(layer, k).detach().clone() for k in ("A", "B", "A0", "B0")
                                       if getattr(layer, k) is not None} for name, layer in fresh.items()}
         for name, layer in layers.items():

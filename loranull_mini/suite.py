@@ -255,11 +255,9 @@ class Study:
         key = (world["variant"], method, seed)
         layers = lora.inject_lora(model, nullspace.ALL_TARGETS, self.rank, self.alpha, freeze_A=frozen, seed=seed)
         if key not in self.inits:
-            fresh = lora.inject_lora(copy.deepcopy(world["base"]), nullspace.ALL_TARGETS, self.rank, self.alpha,
-                                     freeze_A=frozen, seed=seed)
-            for layer in fresh.values():
-                layer.B.data.zero_()
-            calibration.init_layers(fresh, init, world["covariances"], torch.Generator().manual_seed(seed))
+            fresh = nullspace.inject_adapters(copy.deepcopy(world["base"]), nullspace.ALL_TARGETS, self.rank,
+                                              self.alpha, init=init, covariances=world["covariances"],
+                                              freeze_A=frozen, seed=seed)
             self.inits[key] = {name: {k: getattr(layer, k).detach().clone() for k in ("A", "B", "A0", "B0")
                                       if getattr(layer, k) is not None} for name, layer in fresh.items()}
         for name, layer in layers.items():

@@ -50,11 +50,11 @@ def projections(attention, x, cos, sin):
 
 
 @pytest.mark.parametrize("repeat", [True, False])
-def test_attention_equals_attention_by_hand_with_padding(repeat, rotary_from_formula):
+def test_attention_equals_attention_by_hand_with_padding(repeat, rotary_from_formula, monkeypatch):
     torch.manual_seed(0)
     config = tiny_config(n_heads=4, n_kv_heads=2)
     attention = Attention(config)
-    attention.repeat_kv_heads = repeat
+    monkeypatch.setattr("model.repeat_kv_heads", lambda mask, device: repeat)
     B, T = 2, 5
     x = torch.randn(B, T, config.dim)
     pad = torch.tensor([[False, False, True, True, True], [True] * 5])                  # left padding
@@ -68,12 +68,12 @@ def test_attention_equals_attention_by_hand_with_padding(repeat, rotary_from_for
 
 
 @pytest.mark.parametrize("repeat", [True, False])
-def test_attention_with_a_kv_cache_equals_one_pass_over_the_sequence(repeat, rotary_from_formula):
+def test_attention_with_a_kv_cache_equals_one_pass_over_the_sequence(repeat, rotary_from_formula, monkeypatch):
     # a prompt of 4 tokens, then 3 tokens one at a time, into layer 1 of a 2-layer cache
     torch.manual_seed(0)
     config = tiny_config(n_heads=4, n_kv_heads=2, n_layers=2)
     attention = Attention(config)
-    attention.repeat_kv_heads = repeat
+    monkeypatch.setattr("model.repeat_kv_heads", lambda mask, device: repeat)
     B, T = 2, 7
     x = torch.randn(B, T, config.dim)
     cos, sin = rotary_by_formula(torch.arange(T).expand(B, T), config.head_dim, config.rope_theta)

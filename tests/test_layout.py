@@ -78,3 +78,42 @@ def test_the_walk_sees_imports_inside_functions():
         assert imports_of(path, project_modules()) == {"lora", "loranull_mini.files"}
     finally:
         path.unlink()
+
+
+# ----------------------------------------------------------------------------- one pipeline
+INIT_HOMES = {"lora", "nullspace"}  # where an initialisation's mathematics may be written
+INIT_LIKE = ("_init", "_factors", "null_basis", "init_layers", "check_init_inputs", "check_weight")
+
+
+def module_functions(path: Path) -> list[str]:
+    return [node.name for node in ast.parse(path.read_text(encoding="utf-8")).body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_no_second_implementation_of_an_init_outside_lora_and_nullspace():
+    """Inits, null bases and their factor formulas are defined in lora.py and nullspace.py only;
+    the machinery calls them (loranull_mini/fastbasis.py supplies a basis function, passed in)."""
+    for name, path in project_modules().items():
+        if name in INIT_HOMES:
+            continue
+        defined = [f for f in module_functions(path) if f.endswith(INIT_LIKE) and f != "smallest_eigenvectors"]
+        assert not defined, f"{path.name} defines {defined}: an init belongs in lora.py or nullspace.py"
+
+
+def test_layers_are_initialised_only_from_an_init_or_a_saved_adapter():
+    """LoRALinear.initialize is called by lora.py and nullspace.py (the inits), adapter_io (a saved
+    adapter's factors) and the benchmark (lora.pissa_init's randomized variant), nowhere else."""
+    allowed = INIT_HOMES | {"loranull_mini.adapter_io", "loranull_mini.bench"}
+    for name, path in project_modules().items():
+        calls = [node for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "initialize"]
+        assert not calls or name in allowed, f"{path.name} initialises layers itself (line {calls[0].lineno})"
+
+
+CORE_LINES = {"model.py": 390, "lora.py": 345, "nullspace.py": 345, "train.py": 520, "eval.py": 250}
+
+
+def test_the_five_core_files_stay_readable_in_one_sitting():
+    for name, cap in CORE_LINES.items():
+        lines = len((ROOT / name).read_text(encoding="utf-8").splitlines())
+        assert lines <= cap, f"{name} has {lines} lines, over its {cap}: move plumbing into loranull_mini/"

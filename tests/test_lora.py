@@ -132,6 +132,7 @@ def nonzero_adapter(seed=0, m=24, n=16, r=4, alpha=8, **kw):
     torch.manual_seed(seed)
     layer = LoRALinear(torch.nn.Linear(n, m, bias=True), r, alpha, **kw)
     with torch.no_grad():
+        layer.A.normal_()                                        # the layer starts at A = 0, B = 0 until an init
         layer.B.normal_()                                        # B = 0 would hide most bugs
     return layer
 
@@ -353,3 +354,18 @@ def test_injecting_twice_is_a_clear_error():
     inject_lora(model, ("q",))
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
         inject_lora(model, ("q",))
+
+
+def test_initialize_uses_the_given_residual_and_refuses_one_off_by_more_than_rounding():
+    W = torch.randn(24, 16, generator=torch.Generator().manual_seed(0))
+    A, B, W_res = pissa_init(W, 4, 8)
+    layer = LoRALinear(torch.nn.Linear(16, 24, bias=False), 4, 8)
+    layer.base.weight.data.copy_(W)
+    nudged = W_res + 2 * torch.finfo(W.dtype).eps * W_res.abs().max()  # a rounding's worth: used as given
+    layer.initialize(A, B, nudged)
+    assert torch.equal(layer.base.weight, nudged) and layer.has_residual
+    wrong = LoRALinear(torch.nn.Linear(16, 24, bias=False), 4, 8)
+    wrong.base.weight.data.copy_(W)
+    with pytest.raises(ValueError, match="more than rounding"):
+        wrong.initialize(A, B, W_res + 1e-3)
+    assert torch.equal(wrong.base.weight, W) and not wrong.has_residual

@@ -436,7 +436,7 @@ def test_groups_follow_the_targets():
         "layers.1.feed_forward.w_up": ["layers.1.feed_forward.w_up"],
         "layers.1.feed_forward.w_down": ["layers.1.feed_forward.w_down"],
     }
-    with pytest.raises(ValueError, match="unknown LoRA targets"):
+    with pytest.raises(ValueError, match="unknown LoRA target"):
         cal.input_groups(random_model(), ("q", "wq"))
 
 

@@ -79,11 +79,11 @@ def test_repeat_kv_gives_query_head_h_the_kv_head_h_over_n_rep():
 
 
 @pytest.mark.parametrize("repeat", [True, False])
-def test_both_attention_branches_equal_attention_by_hand_with_padding(repeat):
+def test_both_attention_branches_equal_attention_by_hand_with_padding(repeat, monkeypatch):
     torch.manual_seed(0)
     config = tiny_config(n_heads=4, n_kv_heads=2)
     attention = Attention(config)
-    attention.repeat_kv_heads = repeat
+    monkeypatch.setattr("model.repeat_kv_heads", lambda mask, device: repeat)
     B, T = 2, 5
     x = torch.randn(B, T, config.dim)
     pad = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])  # left padding
@@ -107,11 +107,10 @@ def test_both_branches_give_the_same_padded_logits_and_cached_generation():
     pad[0, :4] = False
     results = {}
     for repeat in (True, False):
-        for layer in model.layers:
-            layer.attention.repeat_kv_heads = repeat
-        with torch.no_grad():
+        with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+            patch.setattr("model.repeat_kv_heads", lambda mask, device: repeat)
             logits = model(idx, pad_mask=pad)[0]
-        results[repeat] = (logits[pad], generate(model, [[5, 6, 7], [8, 9]], 6))
+            results[repeat] = (logits[pad], generate(model, [[5, 6, 7], [8, 9]], 6))
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
     assert results[True][1] == results[False][1]
 

@@ -77,8 +77,9 @@ def run_attention_gqa(e, d):
         getattr(att, name).weight.copy_(t(d[name]))
     ys = []
     for repeat in (False, True):  # SDPA's own grouping and the repeated heads must agree
-        att.repeat_kv_heads = repeat
-        ys.append(att(t(d["x"]), cos, sin, mask))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("model.repeat_kv_heads", lambda mask, device: repeat)
+            ys.append(att(t(d["x"]), cos, sin, mask))
     torch.testing.assert_close(ys[0], ys[1])
     return {"positions": positions, "mask": mask, "y": ys[0]}
 
