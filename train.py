@@ -111,8 +111,8 @@ def main(argv=None) -> dict:
     device, autocast_dtype = devices.pick_device(cfg.device, cfg.dtype)
     log = print if proc == 0 else (lambda *a, **k: None)
     out = Path(cfg.out or f"runs/{cfg.preset}-{cfg.init}{'-fa' if cfg.freeze_a else ''}")
-    if not cfg.resume and (out / runstate.CHECKPOINT).is_file():
-        raise FileExistsError(f"{out / runstate.CHECKPOINT} exists: pass --resume to continue it, or choose another --out")
+    if not cfg.resume:
+        runstate.check_fresh_out(out)                 # a checkpoint, or a finished run's adapter
     resumed = None
     if cfg.resume:  # the checkpoint and the metrics log it continues, both verified before anything loads
         resumed = runstate.read_checkpoint(out / runstate.CHECKPOINT, dataclasses.asdict(cfg))
@@ -163,9 +163,14 @@ def main(argv=None) -> dict:
     # 3. the optimizer, then the loop
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     if proc == 0:
+        runstate.lock_out(out)                        # one run at a time in an output directory
         runstate.record_run(out, dataclasses.asdict(cfg), resumed["step"] if resumed else None)
-    result = finetune(cfg, model, layers, optimizer, data, tok.pad_id, covariances, device, autocast_dtype,
-                      out=out, resumed=resumed, proc=proc, world=world, log=log)
+    try:
+        result = finetune(cfg, model, layers, optimizer, data, tok.pad_id, covariances, device, autocast_dtype,
+                          out=out, resumed=resumed, proc=proc, world=world, log=log)
+    except BaseException:
+        runstate.unlock_out(out)
+        raise
     metrics = result["metrics"]
 
     # 4. the outputs, and what the run cost in what the model knew
@@ -183,6 +188,7 @@ def main(argv=None) -> dict:
         log(f"forgotten  {forgetting.what}: KL(base || tuned) {summary['kl']:.4f} nats/token, "
             f"perplexity {100 * summary['ppl_change']:+.2f}%")
         log(f"wrote      {out}/adapter, {out}/adapter-delta, {out}/metrics.jsonl, {out}/loss.png, {out}/summary.json")
+        runstate.unlock_out(out)
     if world > 1:
         dist.barrier()
     return {"metrics": metrics, "start": result["start"], "out": str(out), "model": model, "layers": layers,
@@ -510,3 +516,5 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except (ValueError, OSError, FloatingPointError, AssetError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted; the last checkpoint is kept: rerun the same command with --resume to go on")

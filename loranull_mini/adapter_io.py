@@ -27,6 +27,7 @@ sha256 recorded at save time before it touches the model.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -34,7 +35,8 @@ from safetensors.torch import load_file, save_file
 
 from lora import (LoRALinear, lora_layers, lora_state_dict, mark_only_lora_trainable, residual_weight,
                   update_factors, wrap_linear)
-from loranull_mini.files import atomic_write, read_json, tensor_sha256, tensors_sha256, write_json
+from loranull_mini.files import (atomic_directory, atomic_write, read_json, restore_directory, tensor_sha256,
+                                 tensors_sha256, write_json)
 from model import PROJECTIONS
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
@@ -56,6 +58,22 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]):
 
 def _write_json(path: Path, obj: dict):
     write_json(path, obj, indent=2)
+
+
+def config_sha256(cfg: dict) -> str:
+    """sha256 of every config field but itself: an edited alpha, r, init ... is recognised."""
+    body = {k: v for k, v in cfg.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=float).encode()).hexdigest()
+
+
+def _write_adapter(dir: Path, weights: str, tensors: dict, cfg: dict) -> Path:
+    """The adapter's two files as one unit: a kill leaves the old directory or the new one."""
+    cfg = {**cfg, "config_sha256": config_sha256(cfg)}
+
+    def write(tmp):
+        _write_safetensors(tmp / weights, tensors)
+        _write_json(tmp / ADAPTER_CONFIG, cfg)
+    return atomic_directory(dir, write)
 
 
 # ----------------------------------------------------------------------------------------
@@ -156,10 +174,7 @@ def save_adapter(model: torch.nn.Module, dir, config: dict) -> Path:
     tensors = _checked_tensors(lora_state_dict(model), f"adapter for {dir}")
     first = next(iter(layers.values()))
     cfg = _adapter_config(model, tensors, config, first.r, first.alpha)
-    dir = Path(dir)
-    _write_safetensors(dir / ADAPTER_WEIGHTS, tensors)
-    _write_json(dir / ADAPTER_CONFIG, cfg)
-    return dir
+    return _write_adapter(Path(dir), ADAPTER_WEIGHTS, tensors, cfg)
 
 
 def read_adapter(dir) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -167,7 +182,7 @@ def read_adapter(dir) -> tuple[dict, dict[str, torch.Tensor]]:
     layers, r, alpha, init; the tensors are exactly those the config's layers need (A, B,
     and A0, B0 for an init that moved weight), float32, finite, of one consistent rank,
     and hash to the sha256 recorded at save time."""
-    dir = Path(dir)
+    dir = restore_directory(dir)
     for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (dir / f).is_file():
             hint = " (this looks like a PEFT export: load it with peft)" if (dir / PEFT_WEIGHTS).is_file() else ""
@@ -177,12 +192,15 @@ def read_adapter(dir) -> tuple[dict, dict[str, torch.Tensor]]:
     if not isinstance(cfg, dict):
         raise ValueError(f"{where} is not a loranull-mini adapter config (not a JSON object)")
     missing = [k for k in ("base_fingerprint", "layers", "r", "alpha", "init", "dropout", "freeze_A",
-                           "tensors_sha256") if k not in cfg]
+                           "tensors_sha256", "config_sha256") if k not in cfg]
     if missing:
         raise ValueError(f"{where} is not a loranull-mini adapter config: missing {missing}")
     if not (isinstance(cfg["r"], int) and cfg["r"] > 0 and isinstance(cfg["alpha"], (int, float))
             and cfg["alpha"] > 0 and isinstance(cfg["layers"], list) and cfg["layers"]):
         raise ValueError(f"{where}: r must be a positive integer, alpha positive and layers a non-empty list")
+    if config_sha256(cfg) != cfg["config_sha256"]:
+        raise ValueError(f"{where} does not match the sha256 recorded in it: the config (alpha, r, init ...) was "
+                         f"edited or damaged after it was saved; restore it or train the adapter again")
     try:
         tensors = load_file(str(dir / ADAPTER_WEIGHTS))
     except Exception as e:
@@ -294,10 +312,7 @@ def export_delta(model: torch.nn.Module, dir, config: dict) -> Path:
     tensors = _checked_tensors(tensors, f"plain delta for {dir}")
     cfg = _adapter_config(model, tensors, {k: v for k, v in config.items() if k not in ("r", "alpha")}, rank, alpha)
     cfg["plain_delta"] = True
-    dir = Path(dir)
-    _write_safetensors(dir / ADAPTER_WEIGHTS, tensors)
-    _write_json(dir / ADAPTER_CONFIG, cfg)
-    return dir
+    return _write_adapter(Path(dir), ADAPTER_WEIGHTS, tensors, cfg)
 
 
 # ----------------------------------------------------------------------------------------

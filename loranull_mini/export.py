@@ -30,7 +30,7 @@ The toy model's word-level vocabulary is not byte-level BPE: its exports carry n
 (a note says so); its ids are loranull_mini.toy.ToyTokenizer's.
 
 Each export directory also gets a README.md saying what it holds and how to load it.
-Errors are one line, "error: ...", with exit status 2.
+Errors are one line, "error: ...", with exit status 1 (as train.py and eval.py).
 """
 from __future__ import annotations
 
@@ -46,14 +46,15 @@ import torch  # noqa: E402
 
 import lora  # noqa: E402
 from loranull_mini import adapter_io, checkpoint  # noqa: E402
-from loranull_mini.files import write_json, write_text  # noqa: E402
+from loranull_mini.files import atomic_directory, write_json, write_text  # noqa: E402
 from loranull_mini.tokenizer import (GPT2_PATTERN, LLAMA3_PATTERN, SMOLLM_PATTERN, Tokenizer,  # noqa: E402
                                      bytes_to_unicode)
 
 KINDS = ("peft", "hf", "gguf")
 GGUF_FILE = "model-f16.gguf"
 BASE_DIR = "base"
-# Every file name an export writes (--force removes them from --out before writing).
+MARKER = ".loranull-export.json"  # {kind, files}: what an export wrote; --force replaces only such a directory
+# Every file name an export writes.
 EXPORT_FILES = (adapter_io.PEFT_WEIGHTS, adapter_io.PEFT_CONFIG, "config.json", "model.safetensors",
                 "model.safetensors.index.json", "generation_config.json", "tokenizer.json",
                 "tokenizer_config.json", GGUF_FILE, "README.md")
@@ -350,7 +351,8 @@ def _save_hf_with_tokenizer(base: Base, directory: Path, log) -> list[str]:
     return ["config.json", "model.safetensors"] + write_tokenizer_files(base, directory)
 
 
-def _readme(kind: str, base: Base, run_dir: Path, adapter_dir: Path, adapter_cfg: dict, out: Path) -> str:
+def _readme(kind: str, base: Base, run_dir: Path, adapter_dir: Path, adapter_cfg: dict, out: Path,
+            written_to: Path | None = None) -> str:
     """README.md of an export: what the directory holds and how to load it."""
     method = adapter_cfg.get("method", adapter_cfg.get("init", "?"))
     lines = [f"# {method} LoRA on {base.label}: {kind} export", "",
@@ -361,7 +363,7 @@ def _readme(kind: str, base: Base, run_dir: Path, adapter_dir: Path, adapter_cfg
                  "tokens and chat template" if base.bpe is not None else
                  "- no tokenizer files: the base model has no byte-level BPE tokenizer")
     if kind == "peft":
-        has_base = (out / BASE_DIR / "config.json").is_file()
+        has_base = ((written_to or out) / BASE_DIR / "config.json").is_file()
         lines += ["- adapter_model.safetensors, adapter_config.json: a Hugging Face PEFT LoRA adapter for "
                   "transformers' LlamaForCausalLM, on the ORIGINAL base weights (for an init that moves weight "
                   "out of the base, such as PiSSA or LoRA-Null, it is the plain delta, rank 2r)",
@@ -391,30 +393,39 @@ def _readme(kind: str, base: Base, run_dir: Path, adapter_dir: Path, adapter_cfg
     return "\n".join(lines) + "\n"
 
 
-def check_out(out: Path, force: bool) -> None:
-    """Refuse an --out that is a file, or a non-empty directory unless force."""
+def check_out(out: Path, force: bool, kind: str) -> None:
+    """Refuse an --out that is a file, or a non-empty directory unless force; with force, only
+    an earlier export of the same kind (its marker file lists every file in it) is replaced."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"{out} exists and is not empty: pass --force to write into it, or choose another --out")
-
-
-def prepare_out(out: Path, force: bool) -> None:
-    """check_out, then make the directory; with force, remove what an earlier export wrote
-    there (the names in EXPORT_FILES, also under base/), leaving anything else."""
-    check_out(out, force)
-    if force and out.is_dir():
-        for folder in (out / BASE_DIR, out):
-            for name in EXPORT_FILES:
-                (folder / name).unlink(missing_ok=True)
-        if (out / BASE_DIR).is_dir() and not any((out / BASE_DIR).iterdir()):
-            (out / BASE_DIR).rmdir()
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise ExportError(f"{out} exists and is not empty: pass --force to replace an earlier export there, "
+                          f"or choose another --out")
+    marker = out / MARKER
+    try:
+        earlier = json.loads(marker.read_text(encoding="utf-8"))
+        earlier_kind, listed = earlier["kind"], set(earlier["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ExportError(f"--force replaces only an earlier export, and {out} is not one (no readable {MARKER}): "
+                          f"choose another --out") from None
+    if earlier_kind != kind:
+        raise ExportError(f"{out} holds a --to {earlier_kind} export, not --to {kind}: --force replaces only an "
+                          f"export of the same kind; choose another --out")
+    present = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {MARKER}
+    if present - listed:
+        extra = sorted(present - listed)
+        raise ExportError(f"{out} holds files the earlier export did not write ({', '.join(extra[:3])}"
+                          f"{' ...' if len(extra) > 3 else ''}): move them away, or choose another --out")
 
 
 def export(run_dir, kind: str, out=None, *, model: str | None = None, force: bool = False,
            with_base: bool = False, log=print) -> Path:
-    """Export the run in run_dir as `kind` (peft, hf, gguf) into `out`; returns out."""
+    """Export the run in run_dir as `kind` (peft, hf, gguf) into `out`; returns out.
+
+    Everything is written into a temporary sibling directory, which takes the place of out
+    only once it is complete: a failing export leaves an earlier one as it was."""
     if kind not in KINDS:
         raise ExportError(f"unknown export kind {kind!r}: choose from {', '.join(KINDS)}")
     if with_base and kind != "peft":
@@ -424,31 +435,37 @@ def export(run_dir, kind: str, out=None, *, model: str | None = None, force: boo
     config_path = adapter_dir / adapter_io.ADAPTER_CONFIG
     adapter_cfg = read_adapter_config(adapter_dir)
     out = Path(out) if out else run_dir / f"export-{kind}"
-    check_out(out, force)                             # before the time spent loading
+    check_out(out, force, kind)                       # before the time spent loading
     base = load_base(base_source(adapter_cfg, config_path, model), config_path, log)
+    adapter_io.read_adapter(adapter_dir)              # verified before anything is written
     log(f"base       {base.label} ({base.source})")
-    prepare_out(out, force)
+    written = []
 
-    if kind == "peft":
-        written = []
-        if with_base:
-            written = [f"{BASE_DIR}/{name}" for name in _save_hf_with_tokenizer(base, out / BASE_DIR, log)]
-        adapter_io.load_adapter(base.model, adapter_dir)
-        adapter_io.export_peft(base.model, out, str((out / BASE_DIR).resolve()) if with_base else None)
-        written = [adapter_io.PEFT_WEIGHTS, adapter_io.PEFT_CONFIG] + written
-    else:
-        adapter_io.load_adapter(base.model, adapter_dir)
-        lora.unload_lora(base.model)                  # W_res + s * B @ A, plain nn.Linear again
-        if kind == "hf":
-            written = _save_hf_with_tokenizer(base, out, log)
+    def write(tmp: Path):
+        nonlocal written
+        if kind == "peft":
+            if with_base:
+                written = [f"{BASE_DIR}/{name}" for name in _save_hf_with_tokenizer(base, tmp / BASE_DIR, log)]
+            adapter_io.load_adapter(base.model, adapter_dir)
+            adapter_io.export_peft(base.model, tmp, str((out / BASE_DIR).resolve()) if with_base else None)
+            written = [adapter_io.PEFT_WEIGHTS, adapter_io.PEFT_CONFIG] + written
         else:
-            fields = gguf_tokenizer_fields(base)
-            if fields is None:
-                _tokenizer_note(base, log)
-            name = f"{base.label} + {adapter_cfg.get('method', 'LoRA')} LoRA (merged)"
-            checkpoint.save_gguf(base.model, out / GGUF_FILE, name=name, tokenizer_fields=fields)
-            written = [GGUF_FILE]
-    write_text(out / "README.md", _readme(kind, base, run_dir, adapter_dir, adapter_cfg, out))
+            adapter_io.load_adapter(base.model, adapter_dir)
+            lora.unload_lora(base.model)              # W_res + s * B @ A, plain nn.Linear again
+            if kind == "hf":
+                written = _save_hf_with_tokenizer(base, tmp, log)
+            else:
+                fields = gguf_tokenizer_fields(base)
+                if fields is None:
+                    _tokenizer_note(base, log)
+                name = f"{base.label} + {adapter_cfg.get('method', 'LoRA')} LoRA (merged)"
+                checkpoint.save_gguf(base.model, tmp / GGUF_FILE, name=name, tokenizer_fields=fields)
+                written = [GGUF_FILE]
+        write_text(tmp / "README.md", _readme(kind, base, run_dir, adapter_dir, adapter_cfg, out, tmp))
+        write_json(tmp / MARKER, {"kind": kind, "files": written + ["README.md"]})
+
+    check_out(out, force, kind)                       # again: nothing appeared meanwhile
+    atomic_directory(out, write)
     log(f"wrote      {out}: {', '.join(written + ['README.md'])}")
     return out
 
@@ -495,7 +512,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError, AssetError) as e:   # CheckpointError and ExportError are ValueErrors
         message = " ".join(str(e).split())           # one line, also for messages listing files
         sys.stderr.write(f"error: {message}\n")
-        return 2
+        return 1
     return 0
 
 

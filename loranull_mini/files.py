@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -39,8 +40,58 @@ def atomic_write(path, write) -> Path:
         if e.errno == errno.ENOSPC:
             reason = "no space left on the device"
         raise OSError(e.errno, f"cannot write {path}: {reason}") from None
+    except Exception as e:  # torch.save (RuntimeError), safetensors (SafetensorError) on a full disk
+        if not disk_full(path.parent):
+            raise
+        raise OSError(errno.ENOSPC, f"cannot write {path}: no space left on the device") from None
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def disk_full(directory, margin: int = 64 * 1024) -> bool:
+    """Whether the file system holding `directory` has (almost) no space left. Writers that
+    do not raise OSError (torch.save's RuntimeError, safetensors' SafetensorError) are told
+    apart from other failures this way."""
+    try:
+        return shutil.disk_usage(directory).free < margin
+    except OSError:
+        return False
+
+
+def atomic_directory(path, write) -> Path:
+    """write(tmp_dir) fills a temporary sibling directory; it then takes the place of `path`.
+
+    A kill before the swap leaves the old directory as it was; the swap itself is two
+    renames (old aside, new in place), and read_directory finds the old one aside if a kill
+    fell between them. The old one is removed only once the new one is in place.
+    """
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.tmp{os.getpid()}"), path.with_name(f".{path.name}.old{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def restore_directory(path) -> Path:
+    """`path`, put back from its aside copy (.NAME.oldPID) when a kill fell between the two
+    renames of atomic_directory."""
+    path = Path(path)
+    if not path.exists():
+        aside = sorted(path.parent.glob(f".{path.name}.old*")) if path.parent.is_dir() else []
+        if aside:
+            os.replace(aside[-1], path)
     return path
 
 

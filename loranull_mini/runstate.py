@@ -14,7 +14,9 @@ from finite adapter weights: a killed or diverged run always leaves the last goo
 """
 from __future__ import annotations
 
+import atexit
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -24,6 +26,8 @@ import lora
 from loranull_mini.files import atomic_write, read_json, tensors_sha256, write_json, write_text
 
 CHECKPOINT, METRICS, RUN = "checkpoint.pt", "metrics.jsonl", "run.json"
+LOCK, ADAPTER, SUMMARY = ".lock", "adapter", "summary.json"
+FINISHED = (ADAPTER, "adapter-delta", SUMMARY)  # what a finished run leaves besides its checkpoint
 
 # Settings a resumed run must share with its checkpoint (the rest, e.g. --steps, may change).
 RESUME_MUST_MATCH = ("init", "freeze_a", "preset", "toy_overlap", "model", "rank", "alpha", "targets", "dropout", "data", "max_len",
@@ -91,10 +95,82 @@ def read_checkpoint(path: Path, config: dict) -> dict:
                if state["config"].get(k) != config.get(k)}
     if changed:
         raise ValueError(f"--resume with settings that differ from the checkpoint {path} (saved, given): {changed}")
-    if config["steps"] <= state["step"]:
+    if config["steps"] < state["step"] or (config["steps"] == state["step"] and finished(path.parent, state["step"])):
         raise ValueError(f"--steps {config['steps']} is not beyond the checkpoint's step {state['step']} "
                          f"in {path}: nothing left to train")
     return state
+
+
+def finished(out: Path, step: int) -> bool:
+    """Whether out holds the complete outputs of a run trained to `step`: a kill after the last
+    checkpoint but before these were all written leaves a run that --resume still finishes."""
+    from loranull_mini.adapter_io import read_adapter
+    if not (out / SUMMARY).is_file():
+        return False
+    try:
+        cfg, _ = read_adapter(out / ADAPTER)
+        read_adapter(out / "adapter-delta")
+    except (ValueError, OSError):
+        return False
+    return cfg.get("steps_trained") == step
+
+
+# ----------------------------------------------------------------------------- the output directory
+def check_fresh_out(out: Path):
+    """A fresh run refuses a directory holding a run's checkpoint or a finished run's outputs
+    (also when the checkpoint was deleted to save space)."""
+    for name in (CHECKPOINT, *FINISHED):
+        if (out / name).exists():
+            hint = "pass --resume to continue it" if name == CHECKPOINT else "it holds a finished run"
+            raise FileExistsError(f"{out / name} exists: {hint}, or choose another --out")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_out(out: Path):
+    """Take OUT/.lock for this process: a second run into the same directory is refused while
+    the first is alive; a lock left by a dead process is taken over. Released at exit."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except PermissionError:
+            return  # a read-only directory: nothing can be written there, the first write says so
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid == os.getpid():
+                return
+            if pid and _alive(pid):
+                raise FileExistsError(f"{out} is in use by another run (process {pid}, {path}): wait for it to "
+                                      f"end, or choose another --out") from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        atexit.register(unlock_out, out)
+        return
+    raise FileExistsError(f"cannot take the lock {path}: another run took it meanwhile")
+
+
+def unlock_out(out: Path):
+    path = Path(out) / LOCK
+    try:
+        if int(path.read_text().strip()) == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 def save_state(out: Path, step: int, rng: list, model, optimizer, config: dict, metrics: list, start: dict,

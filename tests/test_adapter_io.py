@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora import lora_layers
-from loranull_mini.adapter_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, base_fingerprint,
+from loranull_mini.adapter_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, base_fingerprint, config_sha256,
                                       export_delta, export_peft, load_adapter, save_adapter)
 from loranull_mini.files import tensors_sha256
 from nullspace import inject_adapters
@@ -210,6 +210,7 @@ def test_a_damaged_adapter_is_a_clear_error_and_leaves_the_model_unchanged(tmp_p
     tensors, cfg = damage(load_file(str(tmp_path / ADAPTER_WEIGHTS)), cfg)
     if isinstance(cfg, dict):  # the sha256 fits the damaged tensors: only the check under test can notice
         cfg["tensors_sha256"] = tensors_sha256(tensors)
+        cfg["config_sha256"] = config_sha256(cfg)  # the config's own sha256 too
     save_file(tensors, str(tmp_path / ADAPTER_WEIGHTS))
     (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(cfg))
     model = random_model()

@@ -9,6 +9,7 @@ gguf's GGUFReader.
 """
 import copy
 import json
+import shutil
 import random
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def test_peft_export_without_base_writes_the_adapter_only(toy_runs):
     run_dir, _ = toy_runs["vanilla"]
     out = export.export(run_dir, "peft")
     assert out == run_dir / "export-peft"
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [export.MARKER, "README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] is None
 
 
@@ -339,15 +340,15 @@ def one_line_error(stderr: str) -> str:
     return lines[0]
 
 
-def test_cli_error_is_one_line_with_exit_status_2(tmp_path):
+def test_cli_error_is_one_line_with_exit_status_1(tmp_path):
     result = run_cli(tmp_path / "no-such-run", "--to", "hf")
-    assert result.returncode == 2 and result.stdout == ""
+    assert result.returncode == 1 and result.stdout == ""
     assert "run directory not found" in one_line_error(result.stderr)
 
 
 def test_bad_inputs_give_one_line_errors(toy_runs, tmp_path, capsys):
     def error_of(*argv):
-        assert export.main([*map(str, argv)]) == 2
+        assert export.main([*map(str, argv)]) == 1
         return one_line_error(capsys.readouterr().err)
 
     with pytest.raises(SystemExit) as exit_info:
@@ -372,18 +373,53 @@ def test_bad_inputs_give_one_line_errors(toy_runs, tmp_path, capsys):
 def test_a_non_empty_out_is_refused_unless_force_which_replaces_an_earlier_export(toy_runs, tmp_path, capsys):
     run_dir, model = toy_runs["vanilla"]
     out = tmp_path / "out"
-    assert export.main([str(run_dir), "--to", "peft", "--with-base", "--out", str(out)]) == 0
-    (out / "notes.txt").write_text("mine")
+    assert export.main([str(run_dir), "--to", "hf", "--out", str(out)]) == 0
     capsys.readouterr()
-    assert export.main([str(run_dir), "--to", "hf", "--out", str(out)]) == 2
+    assert export.main([str(run_dir), "--to", "hf", "--out", str(out)]) == 1
     assert "not empty: pass --force" in one_line_error(capsys.readouterr().err)
-    assert (out / "adapter_model.safetensors").is_file()                  # untouched
+    assert export.main([str(run_dir), "--to", "peft", "--out", str(out), "--force"]) == 1   # another kind
+    assert "holds a --to hf export, not --to peft" in one_line_error(capsys.readouterr().err)
+    (out / "model.safetensors").touch()                                   # so that a replacement shows
     assert export.main([str(run_dir), "--to", "hf", "--out", str(out), "--force"]) == 0
-    # the PEFT files are gone (transformers would take the folder for an adapter), the rest stays
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
-                                                     "model.safetensors", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [export.MARKER, "README.md", "config.json",
+                                                     "generation_config.json", "model.safetensors"]
     idx = toy_tokens()
     torch.testing.assert_close(hf_logits(out, idx), logits(model, idx), atol=1e-4, rtol=0)
+    (out / "notes.txt").write_text("mine")                                # never removed by --force
+    capsys.readouterr()
+    assert export.main([str(run_dir), "--to", "hf", "--out", str(out), "--force"]) == 1
+    assert "did not write (notes.txt)" in one_line_error(capsys.readouterr().err)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_force_into_an_hf_model_directory_that_is_no_export_is_refused_and_changes_nothing(toy_runs, tmp_path,
+                                                                                           capsys):
+    run_dir, _ = toy_runs["vanilla"]
+    hf_model = tmp_path / "hf-model"
+    save_hf(random_model(vocab_size=TOY_VOCAB), hf_model)
+    before = {p.name: p.read_bytes() for p in hf_model.iterdir()}
+    assert export.main([str(run_dir), "--to", "peft", "--out", str(hf_model), "--force"]) == 1
+    assert "is not one (no readable" in one_line_error(capsys.readouterr().err)
+    assert {p.name: p.read_bytes() for p in hf_model.iterdir()} == before
+
+
+def test_a_failing_force_export_leaves_the_earlier_export_byte_identical(toy_runs, tmp_path, capsys, monkeypatch):
+    run_dir, _ = toy_runs["vanilla"]
+    out = tmp_path / "out"
+    assert export.main([str(run_dir), "--to", "peft", "--out", str(out)]) == 0
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    weights = damaged / "adapter" / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)        # the sha256 no longer matches
+    capsys.readouterr()
+    assert export.main([str(damaged), "--to", "peft", "--out", str(out), "--force"]) == 1
+    one_line_error(capsys.readouterr().err)
+    # and a write that fails half way (after the first file) changes nothing either
+    monkeypatch.setattr(export.adapter_io, "_write_json", lambda *a: (_ for _ in ()).throw(OSError(28, "full")))
+    assert export.main([str(run_dir), "--to", "peft", "--out", str(out), "--force"]) == 1
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "out"]   # no temporary directory left
 
 
 def test_model_flag_takes_the_base_from_another_checkpoint_of_the_same_weights(toy_runs, tmp_path):

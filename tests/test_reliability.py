@@ -398,3 +398,95 @@ def test_toy_calibration_batches_carry_pad_masks_and_padding_leaves_the_covarian
     assert plain.keys() == with_pads.keys()
     for name in plain:
         torch.testing.assert_close(with_pads[name], plain[name], rtol=1e-6, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- never lose what was there
+def test_a_kill_between_the_adapters_two_files_leaves_the_old_adapter_and_resume_finishes(run_dir, monkeypatch):
+    from loranull_mini import adapter_io
+    old = files(run_dir / "adapter")
+    real = adapter_io._write_json
+
+    def killed(path, obj):                            # the weights are written, then the process dies
+        raise KeyboardInterrupt
+    monkeypatch.setattr(adapter_io, "_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        resume(run_dir, "--steps", "16")
+    assert files(run_dir / "adapter") == old          # the old adapter, whole and loadable
+    load_adapter(toy.load_toy_model(1, "bottom")[0], run_dir / "adapter")
+    monkeypatch.setattr(adapter_io, "_write_json", real)
+    resume(run_dir, "--steps", "16")                  # the checkpoint is at 16: --resume finishes the run
+    assert read_json(run_dir / "adapter" / ADAPTER_CONFIG)["steps_trained"] == 16
+    assert (run_dir / "summary.json").is_file()
+    with pytest.raises(ValueError, match="nothing left to train"):
+        resume(run_dir, "--steps", "16")
+
+
+def test_a_second_run_into_an_output_directory_in_use_is_refused(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "run"
+        out.mkdir()
+        (out / runstate.LOCK).write_text(f"{other.pid}\n")  # the lock of a run that is still alive
+        with pytest.raises(FileExistsError, match=f"is in use by another run \\(process {other.pid}"):
+            train.main(QUICK + ["--out", str(out)])
+        assert sorted(p.name for p in out.iterdir()) == [runstate.LOCK]   # nothing written beside it
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / runstate.LOCK).write_text(dead.stdout)
+    train.main(QUICK + ["--steps", "2", "--out", str(out)])
+    assert (out / "summary.json").is_file() and not (out / runstate.LOCK).exists()
+
+
+def test_a_fresh_run_refuses_a_finished_run_whose_checkpoint_was_deleted(run_dir, nothing_loads):
+    (run_dir / runstate.CHECKPOINT).unlink()
+    before = files(run_dir)
+    with pytest.raises(FileExistsError, match="holds a finished run"):
+        train.main(QUICK + WORLD + ["--out", str(run_dir)])
+    assert files(run_dir) == before
+
+
+def test_an_edited_alpha_is_refused_on_load(finished):
+    path = finished / "adapter" / ADAPTER_CONFIG
+    text = path.read_text()
+    edited = re.sub(r'"alpha": [0-9.]+', '"alpha": 32.0', text)
+    assert edited != text
+    damaged = Path(shutil.copytree(finished / "adapter", finished.parent / "edited-alpha"))
+    (damaged / ADAPTER_CONFIG).write_text(edited)
+    with pytest.raises(ValueError, match="config .alpha, r, init .... was edited"):
+        load_adapter(toy.load_toy_model(1, "bottom")[0], damaged)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1100 KiB tmpfs (root only): writes onto it end in a real ENOSPC."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a real full disk needs root to mount a small tmpfs")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1100k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mount -t tmpfs is not permitted here")
+    yield mount
+    subprocess.run(["umount", str(mount)])
+
+
+def test_a_checkpoint_write_onto_a_real_full_disk_is_one_error_line_and_keeps_the_old_files(finished, small_disk):
+    out = small_disk / "run"
+    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("*.png", "adapter-delta", "covariances*"))
+    shutil.rmtree(out / "adapter-delta", ignore_errors=True)
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * max(0, free - 100 * 1024))  # room for less than a checkpoint
+    before = files(out)
+    proc = script("train.py", *QUICK, *WORLD, "--resume", "--steps", "16", "--out", str(out))
+    line = last_line_is_the_error(proc)
+    assert proc.returncode == 1 and "no space left on the device" in line, proc.stderr[-2000:]
+    after = files(out)  # the metrics log and run.json move on; a resume drops rows past the checkpoint
+    assert {k: v for k, v in after.items() if k not in (runstate.METRICS, runstate.RUN)} == \
+        {k: v for k, v in before.items() if k not in (runstate.METRICS, runstate.RUN)}
+    assert not [p for p in out.rglob(".*tmp*")]
