@@ -245,12 +245,14 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def forward(self, idx, targets=None, loss_mask=None, *, pad_mask=None, cache: KVCache | None = None,
-                logits_at=None):
+                logits_at=None, segments=None):
         """idx (B, T) token ids -> (logits (B, T, V) float32, mean loss or None).
 
         pad_mask (B, T) bool, True at real tokens: padded positions are never attended to and
         do not advance the rotary position (left padding for batched generation).
         cache: a KVCache; idx then holds the tokens that follow those already cached.
+        segments (B, T) int: a packed row holds several sequences, one id each; rotary positions
+        restart at 0 in each segment and no token attends to another segment (no cache).
         logits_at (B, T) bool: project to the vocabulary only at these positions and return
         their logits (N, V), in row-major order (no loss): on a large vocabulary the output
         layer is a fifth of the work, wasted at positions no loss reads.
@@ -259,7 +261,10 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
-        positions, mask = self._positions_and_mask(idx, pad_mask, cache)
+        if segments is not None:
+            positions, mask = packed_positions_and_mask(segments, pad_mask)
+        else:
+            positions, mask = self._positions_and_mask(idx, pad_mask, cache)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
 
         h = self.tok_embeddings(idx)                                           # (B, T, D)
@@ -307,6 +312,23 @@ class Transformer(nn.Module):
         mask = (k_slot <= q_slot)[None] & key_valid[:, None, :]                # (B, T, S)
         mask |= (k_slot == q_slot)[None]  # a padded query attends to itself: no empty rows, no NaN
         return positions, mask[:, None]                                         # (B, 1, T, S)
+
+
+def packed_positions_and_mask(segments, pad_mask=None):
+    """Rotary positions (B, T) and a block-diagonal causal mask (B, 1, T, T) for packed rows:
+    segments (B, T) holds one id per sequence; a token sees earlier tokens of its own segment."""
+    B, T = segments.shape
+    t = torch.arange(T, device=segments.device).expand(B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]                     # first token of a segment
+    first = torch.cummax(torch.where(starts, t, torch.zeros_like(t)), dim=1).values
+    positions = t - first                                                   # 0 at each segment's start
+    same = segments[:, :, None] == segments[:, None, :]                     # (B, T, T)
+    mask = same & (t[:, None, :] <= t[:, :, None])
+    if pad_mask is not None:
+        mask &= pad_mask.bool()[:, None, :]
+    mask |= torch.eye(T, dtype=torch.bool, device=segments.device)[None]    # padding sees itself: no NaN
+    return positions, mask[:, None]                                         # (B, 1, T, T)
 
 
 # ----------------------------------------------------------------------------- generation

@@ -243,7 +243,7 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
         # the global batch of this step, split into micro-batches and across processes
         order = datasets.batch_order(len(data.train), cfg.batch_size * cfg.grad_accum, step, cfg.seed)
         micro = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size][proc::world] for i in range(cfg.grad_accum)]
-        batches = [datasets.collate([data.train[j] for j in m], pad_id, cfg.max_len) for m in micro]
+        batches = [datasets.training_batch([data.train[j] for j in m], pad_id, cfg.max_len) for m in micro]
         # every micro-batch loss is divided by the token count of the whole global batch
         counts = torch.tensor([sum(float(b["loss_mask"][b["targets"] != -100].sum()) for b in batches),
                                sum(float(b["pad_mask"].sum()) for b in batches)])
@@ -321,7 +321,8 @@ def answer_nll_sum(model, batch: dict) -> torch.Tensor:
     """The summed NLL of a collated batch's answer tokens (the loss of the training step), with
     the vocabulary projection computed at those positions only."""
     scored = (batch["loss_mask"] > 0) & (batch["targets"] != -100)
-    logits, _ = model(batch["idx"], pad_mask=batch["pad_mask"], logits_at=scored)  # (N, V)
+    logits, _ = model(batch["idx"], pad_mask=batch["pad_mask"], logits_at=scored,
+                      segments=batch.get("segments"))                               # (N, V)
     return masked_nll(logits[None], batch["targets"][scored][None])[0]
 
 
@@ -332,9 +333,11 @@ def heldout_loss(model, examples, pad_id, cfg, device, autocast_dtype) -> float:
     model.eval()
     total = count = 0.0
     for i in range(0, len(examples), cfg.batch_size):
-        batch = {k: v.to(device) for k, v in datasets.collate(examples[i:i + cfg.batch_size], pad_id, cfg.max_len).items()}
+        batch = datasets.training_batch(examples[i:i + cfg.batch_size], pad_id, cfg.max_len)
+        batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            _, mean = model(batch["idx"], batch["targets"], batch["loss_mask"], pad_mask=batch["pad_mask"])
+            _, mean = model(batch["idx"], batch["targets"], batch["loss_mask"], pad_mask=batch["pad_mask"],
+                            segments=batch["segments"])
         n = float((batch["loss_mask"] * (batch["targets"] != -100)).sum())
         total, count = total + mean.item() * n, count + n
     model.train(was_training)

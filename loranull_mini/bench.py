@@ -18,7 +18,10 @@ measurement alternates the stacks (ours, theirs, ours, theirs, ...), is repeated
 3. generation: tokens/s of greedy batched decoding with the KV cache against HF generate;
 4. calibration overhead: collecting the covariances against a plain forward of the same
    tokens;
-5. distance to the limit: training FLOP/s (counted by `training_flops`) against the dense
+5. padding-free training (ours only): the same batches packed into rows of --train-len
+   (several examples a row, a block-diagonal causal mask) against the padded layout, and
+   the share of positions that are padding in each;
+6. distance to the limit: training FLOP/s (counted by `training_flops`) against the dense
    matmul FLOP/s measured in the same processes.
 
 --quick (for CI) measures every row once, on less calibration, fewer steps and tokens.
@@ -152,7 +155,7 @@ class BenchConfig:
     matmul_size: int = field(default=0, metadata={"help": "n of the n x n matmul for the peak FLOP/s "
                                                           "(0: 2048 on CPU, 8192 on CUDA)"})
     only: str = field(default="", metadata={"help": "comma-separated subset of "
-                                                    "init,pissa,train,generate,calibrate (default: all)"})
+                                                    "init,pissa,train,pack,generate,calibrate (default: all)"})
     json: str = field(default="", metadata={"help": "also write the results to this JSON file"})
     quick: bool = field(default=False, metadata={"help": "a short run for CI, every row still measured: "
                                                          + ", ".join(f"--{k.replace('_', '-')} {v}"
@@ -164,7 +167,7 @@ class BenchConfig:
 
 
 QUICK = {"repeats": 1, "calib_samples": 4, "calib_len": 128, "train_steps": 1, "gen_tokens": 8, "matmul_size": 1024}
-GROUPS = ("init", "pissa", "train", "generate", "calibrate")
+GROUPS = ("init", "pissa", "train", "pack", "generate", "calibrate")
 
 
 def parse_args(argv=None) -> BenchConfig:
@@ -645,6 +648,64 @@ def measure_generation(cfg, stacks, device, log) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------- padding-free training
+def unpadded(batch: dict) -> list:
+    """The examples of a right-padded batch (data.collate's inverse)."""
+    from loranull_mini import data
+    out = []
+    for b in range(batch["idx"].shape[0]):
+        n = int(batch["pad_mask"][b].sum())
+        ids = batch["idx"][b, :n].tolist() + [int(batch["targets"][b, n - 1])]
+        out.append(data.Example(ids, int(batch["loss_mask"][b].nonzero()[0]) + 1))
+    return out
+
+
+def measure_packing(cfg, stacks, device, log) -> dict:
+    """Our training step (LoRA on all seven projections, AdamW) on packed rows against the same
+    examples padded, alternating step by step; tokens/s counts real tokens only."""
+    import lora
+    from loranull_mini import data
+    from model import masked_nll
+
+    model = copy.deepcopy(stacks.ours)
+    lora.inject_lora(model, ALL_TARGETS, r=cfg.rank, alpha=cfg.alpha)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    padded = [{k: v.to(device) for k, v in b.items()} for b in stacks.train]
+    packed = [{k: v.to(device) for k, v in data.pack(unpadded(b), 0, cfg.train_len).items()} for b in stacks.train]
+
+    def step(batch):
+        with autocast(device, device.type == "cuda"):
+            at = scored(batch)
+            logits, _ = model(batch["idx"], pad_mask=batch["pad_mask"], logits_at=at, segments=batch.get("segments"))
+            loss = masked_nll(logits[None], batch["targets"][at][None])[0] / at.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def rate(batches, first):
+        def run():
+            for b in batches[first:first + cfg.train_steps]:
+                step(b)
+        seconds = timed(device, run)
+        return sum(int(b["pad_mask"].sum()) for b in batches[first:first + cfg.train_steps]) / seconds
+
+    step(padded[0]), step(packed[0])  # warm-up
+    rates_packed, rates_padded = [], []
+    for rep in range(cfg.repeats):
+        first = 1 + rep * cfg.train_steps
+        rates_packed.append(rate(packed, first))
+        rates_padded.append(rate(padded, first))
+    result = row(f"train: padding-free rows vs padded, tokens/s, batch {cfg.train_batch}", "tokens/s",
+                 rates_packed, rates_padded, 1.0, True, columns=("packed", "padded"))
+    result["padding_fraction"] = {"padded": statistics.mean(data.padding_fraction(b) for b in padded),
+                                  "packed": statistics.mean(data.padding_fraction(b) for b in packed)}
+    log(f"pack       tokens/s packed {fmt(rates_packed)}, padded {fmt(rates_padded)}; padding "
+        f"{result['padding_fraction']['padded']:.1%} -> {result['padding_fraction']['packed']:.1%} of positions, "
+        f"rows {statistics.mean(len(b['idx']) for b in packed):.1f} vs {cfg.train_batch}")
+    return result
+
+
 # ----------------------------------------------------------------------------- 4. calibration
 def measure_calibration(cfg, stacks, device, log) -> dict:
     """Block-by-block covariance collection against a plain forward of the same calibration
@@ -692,6 +753,8 @@ WHY_MISSED = {
     "train: tokens/s": "both stacks run the same matmuls; ours projects to the vocabulary only at the answer "
                        "tokens, saves the k/v copies of grouped-query attention and fuses the LoRA add",
     "train: peak memory": "both hold the same weights and activations; ours holds logits only at the answer tokens",
+    "train: padding-free": "packed rows drop the padding's positions but attend over longer rows "
+                           "(a (T, T) block-diagonal mask per row instead of each example's own length)",
     "generate": "decoding a small batch is bound by reading the weights every step, the same for both",
     "calibration": "X^T X of the 4 distinct inputs of a block, formed from the lower row panels only (about "
                    "0.54 of the full products), still costs about half of the block's own matmuls at "
@@ -729,6 +792,8 @@ def main(argv=None) -> dict:
             rows += measure_pissa(cfg, stacks, device, log)
         if "train" in groups:
             rows += measure_training(cfg, stacks, device, workdir, log)
+        if "pack" in groups:
+            rows.append(measure_packing(cfg, stacks, device, log))
         if "generate" in groups:
             rows.append(measure_generation(cfg, stacks, device, log))
         if "calibrate" in groups:

@@ -226,6 +226,53 @@ def collate(examples: list[Example], pad_id: int, max_len: int | None = None) ->
     return {"idx": idx, "targets": targets, "loss_mask": loss_mask, "pad_mask": pad_mask}
 
 
+def pack(examples: list[Example], pad_id: int, max_len: int | None = None) -> dict[str, torch.Tensor]:
+    """Padding-free layout of the same batch as `collate`: the examples are placed
+    first-fit-decreasing into rows of capacity max_len (or the longest example), several to
+    a row. Returns collate's keys plus segments (B, T): the example's index in `examples`,
+    -1 on the padding left at a row's end. Feed `segments` to the model so that rotary
+    positions restart and no token attends across examples; losses and gradients match."""
+    one = [collate([e], pad_id, max_len) for e in examples]                # each (1, n_i)
+    lengths = [b["idx"].shape[1] for b in one]
+    capacity = max_len or max(lengths)
+    rows: list[list[int]] = []                                              # example indices per row
+    room: list[int] = []
+    for i in sorted(range(len(one)), key=lambda i: -lengths[i]):
+        r = next((r for r in range(len(rows)) if room[r] >= lengths[i]), None)
+        if r is None:
+            rows.append([]), room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    T = max(capacity - free for free in room)
+    out = {"idx": torch.full((len(rows), T), pad_id, dtype=torch.long),
+           "targets": torch.full((len(rows), T), -100, dtype=torch.long),
+           "loss_mask": torch.zeros(len(rows), T),
+           "pad_mask": torch.zeros(len(rows), T, dtype=torch.bool),
+           "segments": torch.full((len(rows), T), -1, dtype=torch.long)}
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            n = lengths[i]
+            for key in ("idx", "targets", "loss_mask", "pad_mask"):
+                out[key][r, at:at + n] = one[i][key][0]
+            out["segments"][r, at:at + n] = i
+            at += n
+    return out
+
+
+def training_batch(examples: list[Example], pad_id: int, max_len: int | None = None,
+                   packed: bool = True) -> dict[str, torch.Tensor]:
+    """The micro-batch the training loop feeds the model: packed rows (default) or the
+    right-padded layout. The same examples either way, so resume and losses are unchanged."""
+    return pack(examples, pad_id, max_len) if packed else collate(examples, pad_id, max_len)
+
+
+def padding_fraction(batch: dict[str, torch.Tensor]) -> float:
+    """Share of a batch's positions that hold padding."""
+    return 1.0 - float(batch["pad_mask"].float().mean())
+
+
 def batch_order(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Indices of the examples in batch `step`: epochs of seeded permutations, so the batch
     of any step is known without replaying the run (exact resume)."""
