@@ -50,7 +50,7 @@ from loranull_mini.files import write_json
 
 SIZES = {  # evaluation sets of a full evaluation (suites may choose smaller ones)
     "wiki": 200, "wiki_tokens": 96, "nq": 200, "nq_em": 64, "mmlu": 100, "tqa": 100, "val": 100,
-    "test": 150, "test_acc": 64, "top_k": 512,
+    "test": 150, "test_acc": 64, "top_k": 512, "piqa": 200, "siqa": 200, "obqa": 200,
 }
 
 
@@ -62,6 +62,7 @@ class Probes:
     test: list[Example]                 # the task's test items
     test_rows: list[dict]               # their questions and answers, for accuracy
     choices: dict = field(default_factory=dict)   # name -> (prompts, options): gold is option 0
+    benchmarks: dict = field(default_factory=dict)  # PIQA, SIQA, OpenBookQA: name -> (prompts, options, items)
     nq_em: list[dict] = field(default_factory=list)
     toy: bool = False
 
@@ -87,8 +88,9 @@ def prepare_real(tok, sizes: dict = SIZES) -> Probes:
                       [[tok.encode(" " + r["answers"][0])] + [tok.encode(" " + other["answers"][0])
                                                               for other in rng.sample(tqa[:i] + tqa[i + 1:], 3)]
                        for i, r in enumerate(tqa[:sizes["tqa"]])])
+    benchmarks = {name: benchmark_probe(tok, name, sizes[name]) for name in datasets.BENCHMARKS if sizes.get(name)}
     test_rows = datasets.asdiv("test")[:sizes["test"]]
-    return Probes(retention=wiki, val=qa_examples(tok, datasets.asdiv("val")[:sizes["val"]]),
+    return Probes(benchmarks=benchmarks, retention=wiki, val=qa_examples(tok, datasets.asdiv("val")[:sizes["val"]]),
                   test=qa_examples(tok, test_rows), test_rows=test_rows[:sizes["test_acc"]], choices=choices,
                   nq_em=nq[:sizes["nq_em"]])
 
@@ -127,6 +129,8 @@ def reference(base, tok, probes: Probes, top_k: int = SIZES["top_k"]) -> dict:
     ref = {"retention": metrics.reference_distributions(base, probes.retention, tok.pad_id, k=top_k)}
     for name, (prompts, options) in probes.choices.items():
         ref[name] = metrics.option_distributions(metrics.option_logprobs(base, prompts, options))
+    for name, (prompts, options, _) in probes.benchmarks.items():
+        ref[name] = metrics.option_distributions(metrics.option_logprobs(base, prompts, options))
     return ref
 
 
@@ -151,6 +155,12 @@ def evaluate(model, tok, probes: Probes, ref: dict, full: bool = True) -> dict:
             margin = [p[0] - max(p[1:]) for p in logp]
             items.update({f"{name}_right": right, f"{name}_kl": kl, f"{name}_margin": margin})
             scores.update({f"{name}_acc": mean(right), f"{name}_kl": mean(kl), f"{name}_margin": mean(margin)})
+        for name, (prompts, options, rows) in probes.benchmarks.items():  # acc, acc_norm, option KL
+            raw = metrics.option_logprobs(model, prompts, options)
+            acc, acc_norm = zip(*[metrics.choice_accuracy(lp, r["options"], r["label"]) for lp, r in zip(raw, rows)])
+            kl = [metrics.categorical_kl(b, p) for b, p in zip(ref[name], metrics.option_distributions(raw))]
+            items.update({f"{name}_acc": list(acc), f"{name}_acc_norm": list(acc_norm), f"{name}_kl": kl})
+            scores.update({f"{name}_acc": mean(acc), f"{name}_acc_norm": mean(acc_norm), f"{name}_kl": mean(kl)})
         nll, tokens = metrics.answer_nll(model, probes.test)
         right = answer_accuracy(model, tok, probes.test_rows, toy=probes.toy)
         em = exact_match(model, tok, probes.nq_em, toy=probes.toy)
@@ -184,6 +194,24 @@ def mean(xs) -> float:
 
 
 # ----------------------------------------------------------------------------- one model
+def benchmark_probe(tok, name: str, n: int) -> tuple:
+    """(prompts, options, items) of n items of PIQA, SIQA or OpenBookQA, tokenised as
+    lm-eval-harness builds them: the context, then each option after a space."""
+    items = datasets.benchmark(name, n)
+    return [tok.encode(r["context"]) for r in items], [[tok.encode(" " + o) for o in r["options"]] for r in items], items
+
+
+def benchmark_scores(model, tok, n: int) -> dict:
+    """acc and acc_norm of one model on n items of each of PIQA, SIQA and OpenBookQA."""
+    scores = {}
+    for name in datasets.BENCHMARKS:
+        prompts, options, items = benchmark_probe(tok, name, n)
+        raw = metrics.option_logprobs(model, prompts, options)
+        acc, acc_norm = zip(*[metrics.choice_accuracy(lp, r["options"], r["label"]) for lp, r in zip(raw, items)])
+        scores.update({f"{name}_acc": mean(acc), f"{name}_acc_norm": mean(acc_norm)})
+    return scores
+
+
 def evaluate_adapter(model_path: str, adapter: str, device: str = "auto", quick: bool = False) -> dict:
     """The base model and base + adapter on the real probes; the adapter's scores are paired
     with the base's."""

@@ -183,6 +183,29 @@ def mmlu(n: int, root: Path | None = None) -> list[dict]:
     return out
 
 
+# lm-eval-harness's prompts for its tasks of the same names; each option follows after " ".
+BENCHMARKS = {"piqa": ("PIQA/validation.jsonl", lambda r: f"Question: {r['question']}\nAnswer:"),
+              "siqa": ("SIQA/test.jsonl", lambda r: f"Q: {r['passage']} {r['question']}\nA:"),
+              "obqa": ("OpenBookQA/test.jsonl", lambda r: r["question"].strip())}
+
+
+def benchmark(name: str, n: int, root: Path | None = None) -> list[dict]:
+    """n items of PIQA, SIQA or OpenBookQA {context, options: [str], label}: the options in the
+    file's order, label the gold's index, distinct contexts in a fixed shuffled order."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
+    path, prompt = BENCHMARKS[name]
+    out = []
+    rows = deduplicated(read_jsonl(Path(root or data_dir()) / path), key=lambda r: f"{r.get('passage', '')} {r['question']}")
+    for r in _shuffled(rows)[:n]:
+        options = [line.strip()[3:].strip() for line in r["options"].split("\n") if line.strip()]
+        label = ord(r["answer"].strip()[0]) - ord("A")
+        if not 0 <= label < len(options):
+            raise ValueError(f"{path}: answer {r['answer']!r} names no option of {r['options']!r}")
+        out.append({"context": prompt(r), "options": options, "label": label})
+    return out
+
+
 def truthfulqa(n: int, root: Path | None = None) -> list[dict]:
     """n TruthfulQA items {question, answers: [correct answers]}, distinct questions."""
     rows = _shuffled(deduplicated(read_jsonl(Path(root or data_dir()) / "TruthfulQA" / "combined.jsonl")))

@@ -241,6 +241,16 @@ def option_distributions(logprobs: list[list[list[float]]]) -> list[list[float]]
     return out
 
 
+def choice_accuracy(logprobs: list[list[float]], options: list[str], label: int) -> tuple[bool, bool]:
+    """lm-eval-harness's acc and acc_norm of one multiple-choice item: acc, the option with the
+    largest summed log-likelihood is the gold; acc_norm, the same per character of the option
+    text. logprobs[j]: the per-token log-probs of option j (option_logprobs)."""
+    total = [sum(lp) for lp in logprobs]
+    per_char = [t / max(len(o), 1) for t, o in zip(total, options)]
+    return (max(range(len(total)), key=total.__getitem__) == label,
+            max(range(len(per_char)), key=per_char.__getitem__) == label)
+
+
 def categorical_kl(log_p: list[float], log_q: list[float]) -> float:
     """KL(p || q) of two distributions over the same outcomes, given as log-probabilities."""
     p, q = torch.tensor(log_p, dtype=torch.float64), torch.tensor(log_q, dtype=torch.float64)

@@ -1,0 +1,42 @@
+"""PIQA, SIQA and OpenBookQA scored as lm-eval-harness scores them: acc, acc_norm, option KL."""
+import math
+
+import pytest
+
+from loranull_mini import data as datasets
+from loranull_mini import metrics
+
+
+def test_acc_and_acc_norm_pick_different_options_on_a_hand_built_item():
+    # option 0: 2 tokens, -3 in all over 4 characters; option 1: 3 tokens, -4.5 over 30 characters
+    logprobs = [[-1.0, -2.0], [-1.5, -1.5, -1.5]]
+    options = ["abcd", "a much longer option, 30 chars"]
+    assert len(options[1]) == 30
+    assert metrics.choice_accuracy(logprobs, options, label=0) == (True, False)   # sum: -3 > -4.5
+    assert metrics.choice_accuracy(logprobs, options, label=1) == (False, True)   # per char: -0.15 > -0.75
+
+
+def test_option_kl_by_hand():
+    base = metrics.option_distributions([[[math.log(0.5)], [math.log(0.25)], [math.log(0.25)]]])[0]
+    tuned = metrics.option_distributions([[[math.log(0.25)], [math.log(0.5)], [math.log(0.25)]]])[0]
+    by_hand = 0.5 * math.log(0.5 / 0.25) + 0.25 * math.log(0.25 / 0.5) + 0.25 * math.log(1.0)
+    assert metrics.categorical_kl(base, tuned) == pytest.approx(by_hand, abs=1e-12)
+    assert metrics.categorical_kl(base, base) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("name, n_options, prefix", [("piqa", 2, "Question: "), ("siqa", 3, "Q: "), ("obqa", 4, "")])
+def test_benchmark_items_have_lm_eval_prompts_and_a_gold_label(name, n_options, prefix):
+    items = datasets.benchmark(name, 50)
+    assert len(items) == 50
+    assert len({r["context"] for r in items}) == 50
+    for r in items:
+        assert len(r["options"]) == n_options and all(o and not o[:3] in ("A. ", "B. ") for o in r["options"])
+        assert 0 <= r["label"] < n_options and r["context"].startswith(prefix)
+    assert len({r["label"] for r in items}) > 1  # the gold is not always the same position
+    if name != "obqa":
+        assert items[0]["context"].endswith("\nAnswer:" if name == "piqa" else "\nA:")
+
+
+def test_an_unknown_benchmark_is_refused():
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        datasets.benchmark("hellaswag", 5)
