@@ -69,7 +69,7 @@ class Probes:
 
 def prepare_real(tok, sizes: dict = SIZES) -> Probes:
     """The real model's probes (fixed items, no randomness beyond fixed seeds)."""
-    wiki = [Example(tok.encode(p)[:sizes["wiki_tokens"]], 1) for p in datasets.wiki_passages(sizes["wiki"])]
+    wiki = datasets.wiki_body(tok, sizes["wiki"], sizes["wiki_tokens"])  # body text: the title is context only
     nq = typed_distractors(datasets.nq_open("heldout"), sizes["nq"])
     eot = [tok.end_of_turn_id]
     choices = {

@@ -189,6 +189,21 @@ BENCHMARKS = {"piqa": ("PIQA/validation.jsonl", lambda r: f"Question: {r['questi
               "obqa": ("OpenBookQA/test.jsonl", lambda r: r["question"].strip())}
 
 
+def wiki_body(tokenizer, n: int, n_tokens: int, split: str = "heldout") -> list[Example]:
+    """n held-out Wikipedia passages as retention items: the title line "Title --" is the
+    context (not scored), the first n_tokens tokens of the body are scored. Passages whose
+    body is shorter are skipped, so every item scores the same number of body tokens."""
+    out = []
+    for passage in wiki_passages(WIKI_HELDOUT if split == "heldout" else n, split=split):
+        title, sep, body = passage.partition(" -- ")
+        head, ids = tokenizer.encode(title + " --"), tokenizer.encode(" " + body)[:n_tokens]
+        if sep and len(ids) == n_tokens:
+            out.append(Example(head + ids, len(head)))
+        if len(out) == n:
+            return out
+    raise ValueError(f"only {len(out)} {split} Wikipedia passages have {n_tokens} body tokens, {n} asked for")
+
+
 def benchmark(name: str, n: int, root: Path | None = None) -> list[dict]:
     """n items of PIQA, SIQA or OpenBookQA {context, options: [str], label}: the options in the
     file's order, label the gold's index, distinct contexts in a fixed shuffled order."""

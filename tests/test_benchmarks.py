@@ -40,3 +40,20 @@ def test_benchmark_items_have_lm_eval_prompts_and_a_gold_label(name, n_options, 
 def test_an_unknown_benchmark_is_refused():
     with pytest.raises(ValueError, match="unknown benchmark"):
         datasets.benchmark("hellaswag", 5)
+
+
+def test_the_wikipedia_probe_scores_body_tokens_and_never_the_title():
+    from loranull_mini import assets
+    from loranull_mini.tokenizer import Tokenizer
+    tok = Tokenizer.from_gguf(assets.default_model_path())
+    examples = datasets.wiki_body(tok, 20, 64)
+    passages = datasets.wiki_passages(datasets.WIKI_HELDOUT)
+    batch = datasets.collate(examples, tok.pad_id)
+    for b, e in enumerate(examples):
+        scored = batch["targets"][b][(batch["loss_mask"][b] > 0) & (batch["targets"][b] != -100)].tolist()
+        assert len(scored) == 64 and scored == e.ids[e.n_prompt:]
+        title = tok.decode(e.ids[:e.n_prompt])
+        assert title.endswith(" --")
+        passage = next(p for p in passages if p.startswith(title[:-3] + " -- "))
+        body = " " + passage.partition(" -- ")[2]
+        assert body.startswith(tok.decode(scored))  # what is scored is the body, from its first token
