@@ -90,6 +90,9 @@ def prepare_real(tok, sizes: dict = SIZES) -> Probes:
                        for i, r in enumerate(tqa[:sizes["tqa"]])])
     benchmarks = {name: benchmark_probe(tok, name, sizes[name]) for name in datasets.BENCHMARKS if sizes.get(name)}
     test_rows = datasets.asdiv("test")[:sizes["test"]]
+    numeric = [(r, d) for r in test_rows if (d := datasets.numeric_distractors(r["question"], r["answer"]))]
+    choices["asdiv_numeric"] = ([tok.encode_chat([{"role": "user", "content": r["question"]}]) for r, _ in numeric],
+                                [[tok.encode(a) + eot for a in [r["answer"].strip()] + d] for r, d in numeric])
     return Probes(benchmarks=benchmarks, retention=wiki, val=qa_examples(tok, datasets.asdiv("val")[:sizes["val"]]),
                   test=qa_examples(tok, test_rows), test_rows=test_rows[:sizes["test_acc"]], choices=choices,
                   nq_em=nq[:sizes["nq_em"]])
@@ -161,7 +164,12 @@ def evaluate(model, tok, probes: Probes, ref: dict, full: bool = True) -> dict:
             kl = [metrics.categorical_kl(b, p) for b, p in zip(ref[name], metrics.option_distributions(raw))]
             items.update({f"{name}_acc": list(acc), f"{name}_acc_norm": list(acc_norm), f"{name}_kl": kl})
             scores.update({f"{name}_acc": mean(acc), f"{name}_acc_norm": mean(acc_norm), f"{name}_kl": mean(kl)})
-        nll, tokens = metrics.answer_nll(model, probes.test)
+        logprobs = metrics.answer_logprobs(model, probes.test)  # the test answers' loss, digits apart
+        nll, tokens = [-sum(lp[0]) for lp in logprobs], [len(lp[0]) for lp in logprobs]
+        split = metrics.digit_split(tok, probes.test, logprobs)
+        items.update({f"test_{k}": v for k, v in split.items()})
+        scores.update({"test_digit_loss": sum(split["digit_nll"]) / max(sum(split["digit_tokens"]), 1),
+                       "test_other_loss": sum(split["other_nll"]) / max(sum(split["other_tokens"]), 1)})
         right = answer_accuracy(model, tok, probes.test_rows, toy=probes.toy)
         em = exact_match(model, tok, probes.nq_em, toy=probes.toy)
         items.update({"test_nll": nll, "test_tokens": tokens, "test_right": right, "em": em})

@@ -204,6 +204,24 @@ def wiki_body(tokenizer, n: int, n_tokens: int, split: str = "heldout") -> list[
     raise ValueError(f"only {len(out)} {split} Wikipedia passages have {n_tokens} body tokens, {n} asked for")
 
 
+_INTEGER = re.compile(r"(?<![\d.])\d+(?![\d.])")
+
+
+def numeric_distractors(question: str, answer: str, k: int = 4) -> list[str] | None:
+    """The answer with its number replaced by up to k numbers built from the problem: its
+    integers, then their pairwise sums, differences and products, each different from the
+    gold. None when the answer does not start with an integer or no distractor exists."""
+    gold = re.match(r"\d+(?=\s|$)", answer.strip())
+    if not gold:
+        return None
+    operands = [int(x) for x in _INTEGER.findall(question)]
+    candidates = operands + [f(a, b) for i, a in enumerate(operands) for b in operands[i + 1:]
+                             for f in (lambda a, b: a + b, lambda a, b: abs(a - b), lambda a, b: a * b)]
+    numbers = [n for n in dict.fromkeys(candidates) if n != int(gold.group())][:k]
+    rest = answer.strip()[gold.end():]
+    return [f"{n}{rest}" for n in numbers] or None
+
+
 def benchmark(name: str, n: int, root: Path | None = None) -> list[dict]:
     """n items of PIQA, SIQA or OpenBookQA {context, options: [str], label}: the options in the
     file's order, label the gold's index, distinct contexts in a fixed shuffled order."""

@@ -341,10 +341,28 @@ def option_logprobs(model, prompts: list[list[int]], options: list[list[list[int
 def answer_nll(model, examples: list[Example], batch_size: int = 16) -> tuple[list[float], list[int]]:
     """Per example: summed NLL of the tokens after its prompt and their count, via
     option_logprobs (the prompt's logits are not computed). Equals sequence_nll."""
-    prompts = [e.ids[:e.n_prompt] for e in examples]
-    answers = [[e.ids[e.n_prompt:]] for e in examples]
-    logprobs = option_logprobs(model, prompts, answers, batch_size)
-    return [-sum(lp[0]) for lp in logprobs], [len(a[0]) for a in answers]
+    logprobs = answer_logprobs(model, examples, batch_size)
+    return [-sum(lp[0]) for lp in logprobs], [len(lp[0]) for lp in logprobs]
+
+
+def answer_logprobs(model, examples: list[Example], batch_size: int = 16) -> list[list[list[float]]]:
+    """Per example [[log-prob of each token after its prompt]] (option_logprobs' layout)."""
+    return option_logprobs(model, [e.ids[:e.n_prompt] for e in examples], [[e.ids[e.n_prompt:]] for e in examples],
+                           batch_size)
+
+
+def digit_split(tokenizer, examples: list[Example], logprobs: list[list[list[float]]]) -> dict:
+    """Each answer's NLL split into tokens that hold a digit and the others (the two add up to
+    the answer's NLL): per example digit_nll, digit_tokens, other_nll, other_tokens.
+    logprobs as option_logprobs returns them for the answers alone."""
+    out = {"digit_nll": [], "digit_tokens": [], "other_nll": [], "other_tokens": []}
+    for e, lp in zip(examples, logprobs):
+        digit = [any(c.isdigit() for c in tokenizer.decode([t])) for t in e.ids[e.n_prompt:]]
+        out["digit_nll"].append(-sum(x for x, d in zip(lp[0], digit) if d))
+        out["other_nll"].append(-sum(x for x, d in zip(lp[0], digit) if not d))
+        out["digit_tokens"].append(sum(digit))
+        out["other_tokens"].append(len(digit) - sum(digit))
+    return out
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """PIQA, SIQA and OpenBookQA scored as lm-eval-harness scores them: acc, acc_norm, option KL."""
 import math
+import re
 
 import pytest
 
@@ -57,3 +58,39 @@ def test_the_wikipedia_probe_scores_body_tokens_and_never_the_title():
         passage = next(p for p in passages if p.startswith(title[:-3] + " -- "))
         body = " " + passage.partition(" -- ")[2]
         assert body.startswith(tok.decode(scored))  # what is scored is the body, from its first token
+
+
+def test_every_numeric_distractor_is_a_number_different_from_the_gold():
+    rows = datasets.asdiv("test")
+    built = [(r, datasets.numeric_distractors(r["question"], r["answer"])) for r in rows]
+    built = [(r, d) for r, d in built if d]
+    assert len(built) > len(rows) // 2
+    for r, options in built:
+        gold = int(r["answer"].split()[0])
+        assert 1 <= len(options) <= 4 and len(set(options)) == len(options)
+        for o in options:
+            number, _, rest = o.partition(" ")
+            assert int(number) != gold and (rest == r["answer"].strip().partition(" ")[2])
+    assert datasets.numeric_distractors("2 apples and 2 pears", "4 fruits") == ["2 fruits", "0 fruits"]
+    assert datasets.numeric_distractors("Is 3 more than 2?", "Yes") is None
+
+
+def test_the_digit_split_adds_up_to_the_answer_loss():
+    import torch
+    from loranull_mini.data import Example
+    from loranull_mini.tokenizer import Tokenizer
+    from loranull_mini import assets
+    from tests.conftest import random_model
+    tok = Tokenizer.from_gguf(assets.default_model_path())
+    model = random_model(vocab_size=49152, max_seq_len=512)
+    examples = [datasets.encode_qa(tok, r["question"], r["answer"]) for r in datasets.asdiv("test")[:6]]
+    with torch.no_grad():
+        logprobs = metrics.answer_logprobs(model, examples)
+        nll, tokens = metrics.answer_nll(model, examples)
+    split = metrics.digit_split(tok, examples, logprobs)
+    for i in range(len(examples)):
+        assert split["digit_nll"][i] + split["other_nll"][i] == pytest.approx(nll[i], rel=1e-9)
+        assert split["digit_tokens"][i] + split["other_tokens"][i] == tokens[i]
+        assert split["other_tokens"][i] >= 1  # at least <|im_end|>
+    digits = [bool(re.search(r"\d", r["answer"])) for r in datasets.asdiv("test")[:6]]
+    assert [n > 0 for n in split["digit_tokens"]] == digits and any(digits) and not all(digits)
