@@ -10,9 +10,14 @@
 
 Retention ("forgetting"), always on data that neither calibration nor training saw, and
 paired item by item with the base model, so the base model scores exactly 0:
-- Wikipedia (the headline): per-token KL(base || tuned) and the NLL change on held-out
-  passages. The KL is taken over the base model's 512 most likely tokens plus one bin for
+- Wikipedia (the headline): per-token KL(base || tuned) and the NLL change on the body text
+  of held-out passages (the first wiki_tokens tokens after the title line, which is context
+  only). The KL is taken over the base model's 512 most likely tokens plus one bin for
   the rest, a lower bound of the full KL (metrics.reference_distributions);
+- standard benchmarks PIQA, SIQA, OpenBookQA, prompted and scored as lm-eval-harness does:
+  acc, acc_norm and, paired with the base model, the KL of each item's option distribution;
+- chat: per-token KL(base || tuned) on the base model's own greedy chat-template answers
+  to held-out NQ-open questions, generated once (reference) and teacher-forced;
 - NQ-open contrastive: the gold answer against 3 distractors of the same answer type
   (number, date, person, place, other: loranull_mini/answers.py), after a plain "Q: ..\\nA:"
   prompt and inside the chat template: accuracy, margin and the KL of the distribution
@@ -23,7 +28,9 @@ paired item by item with the base model, so the base model scores exactly 0:
   the paper, not for conclusions).
 Task: the answer loss (NLL per answer token, chat template) on held-out ASDiv problems, per
 item, on the validation split (for curves) and the test split (for tables), and greedy
-accuracy on the test split. The toy world measures held-out facts (KL of their answers,
+accuracy on the test split. What was learnt, on the test split: the answer loss split into
+digit and other tokens (units, end of turn), and a contrastive numeric accuracy: the gold
+answer against the same answer with numbers built from the problem (asdiv_numbers_*). The toy world measures held-out facts (KL of their answers,
 accuracy) and the new skill the same way.
 """
 from __future__ import annotations
@@ -51,6 +58,9 @@ from loranull_mini.files import write_json
 SIZES = {  # evaluation sets of a full evaluation (suites may choose smaller ones)
     "wiki": 200, "wiki_tokens": 96, "nq": 200, "nq_em": 64, "mmlu": 100, "tqa": 100, "val": 100,
     "test": 150, "test_acc": 64, "top_k": 512,
+    # probes a sizes dict turns on by naming them (0 or absent: off): items per benchmark, the
+    # seed of their subsets, chat questions and the longest base answer, numeric contrasts
+    "piqa": 300, "siqa": 300, "obqa": 300, "bench_seed": 0, "chat": 64, "chat_tokens": 48, "numbers": 150,
 }
 
 
@@ -63,12 +73,15 @@ class Probes:
     test_rows: list[dict]               # their questions and answers, for accuracy
     choices: dict = field(default_factory=dict)   # name -> (prompts, options): gold is option 0
     nq_em: list[dict] = field(default_factory=list)
+    benchmarks: dict = field(default_factory=dict)  # "piqa", "siqa", "obqa" -> items {context, options, label}
+    chat_questions: list[str] = field(default_factory=list)  # answered by the base model in reference()
+    chat_tokens: int = 48               # the longest base answer, in tokens
     toy: bool = False
 
 
 def prepare_real(tok, sizes: dict = SIZES) -> Probes:
     """The real model's probes (fixed items, no randomness beyond fixed seeds)."""
-    wiki = [Example(tok.encode(p)[:sizes["wiki_tokens"]], 1) for p in datasets.wiki_passages(sizes["wiki"])]
+    wiki = datasets.wiki_body_examples(tok, sizes["wiki"], sizes["wiki_tokens"])
     nq = typed_distractors(datasets.nq_open("heldout"), sizes["nq"])
     eot = [tok.end_of_turn_id]
     choices = {
@@ -88,9 +101,17 @@ def prepare_real(tok, sizes: dict = SIZES) -> Probes:
                                                               for other in rng.sample(tqa[:i] + tqa[i + 1:], 3)]
                        for i, r in enumerate(tqa[:sizes["tqa"]])])
     test_rows = datasets.asdiv("test")[:sizes["test"]]
+    if sizes.get("numbers"):     # the gold answer against the same answer with other numbers of the problem
+        numbers = datasets.asdiv_numeric_choices(datasets.asdiv("test")[:sizes["numbers"]])
+        choices["asdiv_numbers"] = ([tok.encode_chat([{"role": "user", "content": r["question"]}]) for r in numbers],
+                                    [[tok.encode(o) + eot for o in r["options"]] for r in numbers])
+    benchmarks = {name: datasets.benchmark(name, sizes[name], seed=sizes.get("bench_seed", 0))
+                  for name in datasets.BENCHMARKS if sizes.get(name)}
     return Probes(retention=wiki, val=qa_examples(tok, datasets.asdiv("val")[:sizes["val"]]),
                   test=qa_examples(tok, test_rows), test_rows=test_rows[:sizes["test_acc"]], choices=choices,
-                  nq_em=nq[:sizes["nq_em"]])
+                  nq_em=nq[:sizes["nq_em"]], benchmarks=benchmarks,
+                  chat_questions=datasets.chat_questions(sizes["chat"]) if sizes.get("chat") else [],
+                  chat_tokens=sizes.get("chat_tokens", SIZES["chat_tokens"]))
 
 
 def typed_distractors(rows: list[dict], n: int, k: int = 3) -> list[dict]:
@@ -127,6 +148,13 @@ def reference(base, tok, probes: Probes, top_k: int = SIZES["top_k"]) -> dict:
     ref = {"retention": metrics.reference_distributions(base, probes.retention, tok.pad_id, k=top_k)}
     for name, (prompts, options) in probes.choices.items():
         ref[name] = metrics.option_distributions(metrics.option_logprobs(base, prompts, options))
+    for name, items in probes.benchmarks.items():
+        ref[name] = metrics.choice_scores(base, tok, items)["logprobs"]
+    if probes.chat_questions:   # the base model's own answers, generated once, then teacher-forced
+        prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in probes.chat_questions]
+        answers = metrics.chat_answers(base, tok, probes.chat_questions, probes.chat_tokens)
+        ref["chat_examples"] = [Example(p + a, len(p)) for p, a in zip(prompts, answers)]
+        ref["chat"] = metrics.reference_distributions(base, ref["chat_examples"], tok.pad_id, k=top_k)
     return ref
 
 
@@ -135,7 +163,17 @@ def evaluate(model, tok, probes: Probes, ref: dict, full: bool = True) -> dict:
     """{"scores": {name: number}, "items": {name: per-item list}, "seconds"} of one model.
 
     Always: retention KL and NLL change, and the validation answer loss. full: also the
-    multiple-choice probes, exact match and the test split.
+    multiple-choice probes, the benchmarks, the chat KL, exact match and the test split.
+    Per-item lists (items) and their means (scores), by probe:
+      kl, dnll, tokens             Wikipedia body text: summed KL(base || model), NLL change, token count
+      val_nll, val_tokens          ASDiv validation answers: summed NLL and token count
+      {choice}_right, _kl, _margin NQ (plain, chat), MMLU, TruthfulQA, asdiv_numbers: gold is the argmax,
+                                   KL(base || model) of the option distribution, gold minus best other
+      {bench}_acc, _acc_norm, _kl  PIQA, SIQA, OpenBookQA (piqa, siqa, obqa), as lm-eval-harness scores them
+      chat_kl, chat_tokens         the base model's chat answers: summed per-token KL and token count
+      test_nll, test_tokens, test_right, em          ASDiv test answers, greedy accuracy, NQ exact match
+      test_digit_nll, _digit_tokens, _other_nll, _other_tokens   the test answer loss, digits vs the rest
+    Scores of summed items are per token (kl, val_loss, chat_kl, test_digit_loss, ...).
     """
     t0 = time.time()
     r = metrics.kl_to_reference(model, probes.retention, tok.pad_id, ref["retention"])
@@ -151,11 +189,25 @@ def evaluate(model, tok, probes: Probes, ref: dict, full: bool = True) -> dict:
             margin = [p[0] - max(p[1:]) for p in logp]
             items.update({f"{name}_right": right, f"{name}_kl": kl, f"{name}_margin": margin})
             scores.update({f"{name}_acc": mean(right), f"{name}_kl": mean(kl), f"{name}_margin": mean(margin)})
-        nll, tokens = metrics.answer_nll(model, probes.test)
+        for name, bench_items in probes.benchmarks.items():
+            s = metrics.choice_scores(model, tok, bench_items)
+            kl = metrics.option_kl(ref[name], s["logprobs"])
+            items.update({f"{name}_acc": s["acc"], f"{name}_acc_norm": s["acc_norm"], f"{name}_kl": kl})
+            scores.update({f"{name}_acc": mean(s["acc"]), f"{name}_acc_norm": mean(s["acc_norm"]), f"{name}_kl": mean(kl)})
+        if "chat" in ref:
+            c = metrics.kl_to_reference(model, ref["chat_examples"], tok.pad_id, ref["chat"])
+            items.update({"chat_kl": c["kl"], "chat_tokens": c["tokens"]})
+            scores["chat_kl"] = sum(c["kl"]) / sum(c["tokens"])
+        logprobs = metrics.answer_logprobs(model, probes.test)
+        nll, tokens = [-sum(lp) for lp in logprobs], [len(lp) for lp in logprobs]
+        split = metrics.digit_split(tok, probes.test, logprobs)
         right = answer_accuracy(model, tok, probes.test_rows, toy=probes.toy)
         em = exact_match(model, tok, probes.nq_em, toy=probes.toy)
-        items.update({"test_nll": nll, "test_tokens": tokens, "test_right": right, "em": em})
-        scores.update({"test_loss": sum(nll) / sum(tokens), "test_acc": mean(right), "em": mean(em)})
+        items.update({"test_nll": nll, "test_tokens": tokens, "test_right": right, "em": em,
+                      **{f"test_{k}": v for k, v in split.items()}})
+        scores.update({"test_loss": sum(nll) / sum(tokens), "test_acc": mean(right), "em": mean(em),
+                       "test_digit_loss": sum(split["digit_nll"]) / max(sum(split["digit_tokens"]), 1),
+                       "test_other_loss": sum(split["other_nll"]) / max(sum(split["other_tokens"]), 1)})
     scores["ppl_change"] = math.exp(scores["dnll"]) - 1
     return {"scores": scores, "items": items, "seconds": time.time() - t0}
 
