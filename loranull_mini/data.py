@@ -123,7 +123,7 @@ def calibration_texts(source: str, task_rows: list[dict] | None = None) -> list[
         return [r["question"] for r in task_rows]
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"--calib-source: neither nq-open, wiki, task nor a file: {source}")
+        raise FileNotFoundError(f"--calib-source: neither nq-open, wiki, task, chat nor a file: {source}")
     texts = [t for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
     if not texts:
         raise ValueError(f"--calib-source {source}: the file holds no text")
