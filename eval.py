@@ -27,11 +27,10 @@ paired item by item with the base model, so the base model scores exactly 0:
 - NQ-open exact match of the greedy answer (about 1% for a 135M model; for comparison with
   the paper, not for conclusions).
 Task: the answer loss (NLL per answer token, chat template) on held-out ASDiv problems, per
-item, on the validation split (for curves) and the test split (for tables), and greedy
-accuracy on the test split. What was learnt, on the test split: the answer loss split into
-digit and other tokens (units, end of turn), and a contrastive numeric accuracy: the gold
-answer against the same answer with numbers built from the problem (asdiv_numbers_*). The toy world measures held-out facts (KL of their answers,
-accuracy) and the new skill the same way.
+item, on the validation split (for curves) and the test split (for tables, split into digit
+and other tokens), greedy accuracy, and a contrastive numeric accuracy (the gold answer against
+the same answer with other numbers of the problem). The toy world measures held-out facts (KL
+of their answers, accuracy) and the new skill the same way. docs/MEASURES.md: how each is sized.
 """
 from __future__ import annotations
 
@@ -50,7 +49,7 @@ import torch
 
 import train
 from loranull_mini import data as datasets
-from loranull_mini.answers import answer_type
+from loranull_mini.answers import answer_type, asdiv_numeric_choices
 from loranull_mini.data import Example
 from loranull_mini.devices import pick_device
 from loranull_mini.files import write_json
@@ -58,9 +57,8 @@ from loranull_mini.files import write_json
 SIZES = {  # evaluation sets of a full evaluation (suites may choose smaller ones)
     "wiki": 200, "wiki_tokens": 96, "nq": 200, "nq_em": 64, "mmlu": 100, "tqa": 100, "val": 100,
     "test": 150, "test_acc": 64, "top_k": 512,
-    # probes a sizes dict turns on by naming them (0 or absent: off): items per benchmark, the
-    # seed of their subsets, chat questions and the longest base answer, numeric contrasts
-    "piqa": 300, "siqa": 300, "obqa": 300, "bench_seed": 0, "chat": 64, "chat_tokens": 48, "numbers": 150,
+    # on when named (0 or absent: off): benchmark items, their subset's seed, chat questions, answer tokens
+    "piqa": 300, "siqa": 300, "obqa": 300, "bench_seed": 0, "chat": 64, "chat_tokens": 48,
 }
 
 
@@ -81,7 +79,7 @@ class Probes:
 
 def prepare_real(tok, sizes: dict = SIZES) -> Probes:
     """The real model's probes (fixed items, no randomness beyond fixed seeds)."""
-    wiki = datasets.wiki_body_examples(tok, sizes["wiki"], sizes["wiki_tokens"])
+    wiki = datasets.wiki_body(tok, sizes["wiki"], sizes["wiki_tokens"])  # body text: the title is context only
     nq = typed_distractors(datasets.nq_open("heldout"), sizes["nq"])
     eot = [tok.end_of_turn_id]
     choices = {
@@ -101,10 +99,9 @@ def prepare_real(tok, sizes: dict = SIZES) -> Probes:
                                                               for other in rng.sample(tqa[:i] + tqa[i + 1:], 3)]
                        for i, r in enumerate(tqa[:sizes["tqa"]])])
     test_rows = datasets.asdiv("test")[:sizes["test"]]
-    if sizes.get("numbers"):     # the gold answer against the same answer with other numbers of the problem
-        numbers = datasets.asdiv_numeric_choices(datasets.asdiv("test")[:sizes["numbers"]])
-        choices["asdiv_numbers"] = ([tok.encode_chat([{"role": "user", "content": r["question"]}]) for r in numbers],
-                                    [[tok.encode(o) + eot for o in r["options"]] for r in numbers])
+    numeric = asdiv_numeric_choices(test_rows)   # the gold answer against other numbers of the problem
+    choices["asdiv_numeric"] = ([tok.encode_chat([{"role": "user", "content": r["question"]}]) for r in numeric],
+                                [[tok.encode(o) + eot for o in r["options"]] for r in numeric])
     benchmarks = {name: datasets.benchmark(name, sizes[name], seed=sizes.get("bench_seed", 0))
                   for name in datasets.BENCHMARKS if sizes.get(name)}
     return Probes(retention=wiki, val=qa_examples(tok, datasets.asdiv("val")[:sizes["val"]]),
@@ -151,28 +148,22 @@ def reference(base, tok, probes: Probes, top_k: int = SIZES["top_k"]) -> dict:
     for name, items in probes.benchmarks.items():
         ref[name] = metrics.choice_scores(base, tok, items)["logprobs"]
     if probes.chat_questions:   # the base model's own answers, generated once, then teacher-forced
-        prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in probes.chat_questions]
-        answers = metrics.chat_answers(base, tok, probes.chat_questions, probes.chat_tokens)
-        ref["chat_examples"] = [Example(p + a, len(p)) for p, a in zip(prompts, answers)]
+        ref["chat_examples"] = metrics.chat_examples(base, tok, probes.chat_questions, probes.chat_tokens)
         ref["chat"] = metrics.reference_distributions(base, ref["chat_examples"], tok.pad_id, k=top_k)
     return ref
 
 
 @torch.no_grad()
 def evaluate(model, tok, probes: Probes, ref: dict, full: bool = True) -> dict:
-    """{"scores": {name: number}, "items": {name: per-item list}, "seconds"} of one model.
-
-    Always: retention KL and NLL change, and the validation answer loss. full: also the
-    multiple-choice probes, the benchmarks, the chat KL, exact match and the test split.
-    Per-item lists (items) and their means (scores), by probe:
+    """{"scores": {name: mean}, "items": {name: per-item list}, "seconds"} of one model. Items:
       kl, dnll, tokens             Wikipedia body text: summed KL(base || model), NLL change, token count
-      val_nll, val_tokens          ASDiv validation answers: summed NLL and token count
-      {choice}_right, _kl, _margin NQ (plain, chat), MMLU, TruthfulQA, asdiv_numbers: gold is the argmax,
+      val_nll, val_tokens          ASDiv validation answers: summed NLL, token count
+    and with full (the end of a run):
+      {choice}_right, _kl, _margin NQ (plain, chat), MMLU, TruthfulQA, asdiv_numeric: gold is the argmax,
                                    KL(base || model) of the option distribution, gold minus best other
-      {bench}_acc, _acc_norm, _kl  PIQA, SIQA, OpenBookQA (piqa, siqa, obqa), as lm-eval-harness scores them
-      chat_kl, chat_tokens         the base model's chat answers: summed per-token KL and token count
-      test_nll, test_tokens, test_right, em          ASDiv test answers, greedy accuracy, NQ exact match
-      test_digit_nll, _digit_tokens, _other_nll, _other_tokens   the test answer loss, digits vs the rest
+      {bench}_acc, _acc_norm, _kl  piqa, siqa, obqa, as lm-eval-harness scores them
+      chat_kl, chat_tokens         the base model's chat answers: summed per-token KL, token count
+      test_nll, test_tokens, test_{digit,other}_{nll,tokens}, test_right, em    ASDiv test, NQ EM
     Scores of summed items are per token (kl, val_loss, chat_kl, test_digit_loss, ...).
     """
     t0 = time.time()
@@ -189,11 +180,11 @@ def evaluate(model, tok, probes: Probes, ref: dict, full: bool = True) -> dict:
             margin = [p[0] - max(p[1:]) for p in logp]
             items.update({f"{name}_right": right, f"{name}_kl": kl, f"{name}_margin": margin})
             scores.update({f"{name}_acc": mean(right), f"{name}_kl": mean(kl), f"{name}_margin": mean(margin)})
-        for name, bench_items in probes.benchmarks.items():
-            s = metrics.choice_scores(model, tok, bench_items)
-            kl = metrics.option_kl(ref[name], s["logprobs"])
-            items.update({f"{name}_acc": s["acc"], f"{name}_acc_norm": s["acc_norm"], f"{name}_kl": kl})
-            scores.update({f"{name}_acc": mean(s["acc"]), f"{name}_acc_norm": mean(s["acc_norm"]), f"{name}_kl": mean(kl)})
+        for name, bench_items in probes.benchmarks.items():          # as lm-eval-harness scores them
+            b = metrics.choice_scores(model, tok, bench_items)
+            b = {"acc": b["acc"], "acc_norm": b["acc_norm"], "kl": metrics.option_kl(ref[name], b["logprobs"])}
+            items.update({f"{name}_{k}": v for k, v in b.items()})
+            scores.update({f"{name}_{k}": mean(v) for k, v in b.items()})
         if "chat" in ref:
             c = metrics.kl_to_reference(model, ref["chat_examples"], tok.pad_id, ref["chat"])
             items.update({"chat_kl": c["kl"], "chat_tokens": c["tokens"]})
@@ -206,8 +197,8 @@ def evaluate(model, tok, probes: Probes, ref: dict, full: bool = True) -> dict:
         items.update({"test_nll": nll, "test_tokens": tokens, "test_right": right, "em": em,
                       **{f"test_{k}": v for k, v in split.items()}})
         scores.update({"test_loss": sum(nll) / sum(tokens), "test_acc": mean(right), "em": mean(em),
-                       "test_digit_loss": sum(split["digit_nll"]) / max(sum(split["digit_tokens"]), 1),
-                       "test_other_loss": sum(split["other_nll"]) / max(sum(split["other_tokens"]), 1)})
+                       **{f"test_{k}_loss": sum(split[f"{k}_nll"]) / max(sum(split[f"{k}_tokens"]), 1)
+                          for k in ("digit", "other")}})
     scores["ppl_change"] = math.exp(scores["dnll"]) - 1
     return {"scores": scores, "items": items, "seconds": time.time() - t0}
 

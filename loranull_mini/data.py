@@ -168,48 +168,6 @@ def asdiv(split: str, root: Path | None = None) -> list[dict]:
     return splits[split]
 
 
-def number_text(x: float) -> str:
-    """A number as a problem would write it: 12, 2.5, -3 (at most 4 decimals)."""
-    return str(int(round(x))) if abs(x - round(x)) < 1e-9 else f"{x:.4f}".rstrip("0")
-
-
-def numeric_distractors(question: str, gold: float, k: int = 3, seed: int = 0) -> list[float]:
-    """k numbers, each different from the gold, built from the problem: its operands and
-    their pairwise sums, differences and products (in that order of preference), k of them
-    drawn with the seed; if the problem offers fewer than k, the gold's neighbours
-    (gold + 1, gold - 1, 2 gold, gold + 10, ...) fill the rest."""
-    from loranull_mini.metrics import NUMBER, _to_float, same_number
-    operands = list(dict.fromkeys(v for v in (_to_float(m) for m in NUMBER.findall(question)) if v is not None))
-    built = operands + [f(a, b) for i, a in enumerate(operands) for b in operands[i + 1:]
-                        for f in (lambda a, b: a + b, lambda a, b: abs(a - b), lambda a, b: a * b)]
-    pool: list[float] = []
-    for v in built:
-        if not same_number(v, gold) and not any(same_number(v, u) for u in pool):
-            pool.append(v)
-    picked = random.Random(seed).sample(pool, k) if len(pool) >= k else pool
-    for v in (gold + 1, gold - 1, 2 * gold, gold + 10, gold - 10, gold + 2, gold + 100):
-        if len(picked) < k and not same_number(v, gold) and not any(same_number(v, u) for u in picked):
-            picked.append(v)
-    return picked
-
-
-def asdiv_numeric_choices(rows: list[dict], k: int = 3) -> list[dict]:
-    """The ASDiv rows whose answer is a number, with options [gold answer, k distractor
-    answers]: the answer text ("9 apples") with its number replaced by each of
-    numeric_distractors (seeded per item), so the options differ only in the number.
-    Rows answered by a word ("Book store") have no numeric contrast and are left out."""
-    from loranull_mini.metrics import parse_number
-    out = []
-    for i, r in enumerate(rows):
-        gold = parse_number(r["number"])
-        if gold is None:
-            continue
-        others = [r["answer"].replace(r["number"], number_text(v), 1)
-                  for v in numeric_distractors(r["question"], gold, k, seed=SPLIT_SEED + i)]
-        out.append({**r, "options": [r["answer"]] + others})
-    return out
-
-
 def load_task_file(path: Path) -> list[dict]:
     """A user's own task: jsonl rows with "question" and "answer" (strings)."""
     rows = read_jsonl(path)
@@ -251,20 +209,19 @@ def title_and_body(passage: str) -> tuple[str, str]:
     return title + " --", body.strip()
 
 
-def wiki_body_examples(tokenizer, n: int, body_tokens: int, root: Path | None = None) -> list[Example]:
-    """n held-out Wikipedia passages as Examples whose scored tokens are the first
-    body_tokens tokens of the body: the title line is the prompt (context, never scored).
-    Passages whose body is shorter are skipped, so every passage scores the same count."""
+def wiki_body(tokenizer, n: int, n_tokens: int, split: str = "heldout", root: Path | None = None) -> list[Example]:
+    """n Wikipedia passages of the split as retention items whose scored tokens are the first
+    n_tokens tokens of the body: the title line "Title --" is the prompt (context, never
+    scored). Passages whose body is shorter are skipped, so every item scores the same count."""
     out = []
-    for passage in _wiki_split("heldout", root):
+    for passage in _wiki_split(split, root):
         title, body = title_and_body(passage)
         prompt, body_ids = tokenizer.encode(title), tokenizer.encode(" " + body)
-        if len(body_ids) >= body_tokens:
-            out.append(Example(prompt + body_ids[:body_tokens], len(prompt)))
+        if len(body_ids) >= n_tokens:
+            out.append(Example(prompt + body_ids[:n_tokens], len(prompt)))
             if len(out) == n:
                 return out
-    raise ValueError(f"{n} Wikipedia passages with {body_tokens} body tokens asked for, "
-                     f"the held-out split has {len(out)}")
+    raise ValueError(f"{n} Wikipedia passages with {n_tokens} body tokens asked for, the {split} split has {len(out)}")
 
 
 def mmlu(n: int, root: Path | None = None) -> list[dict]:

@@ -450,6 +450,13 @@ def chat_answers(model, tok, questions: list[str], max_new_tokens: int = 48,
     return out
 
 
+def chat_examples(model, tok, questions: list[str], max_new_tokens: int = 48) -> list[Example]:
+    """The chat probe's items: each question in the chat template, then the model's own
+    greedy answer (chat_answers) as the scored tokens."""
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    return [Example(p + a, len(p)) for p, a in zip(prompts, chat_answers(model, tok, questions, max_new_tokens))]
+
+
 def chat_calibration_windows(model, tok, n_samples: int, seq_len: int, seed: int | None = None,
                              answer_tokens: int = 48) -> torch.Tensor:
     """--calib-source chat: NQ-open calibration questions (shuffled by the seed) with the

@@ -48,7 +48,7 @@ PILOT_LRS = {"default": LORA_LRS, "pissa": (2.5e-4, 5e-4, 1e-3, 2e-3), "milora":
 # probes (64 passages x 64 tokens, 48 validation problems) at 6 checkpoints per run, and the full
 # probe set once at the end of each run.
 REAL_SIZES = {"wiki": 64, "wiki_tokens": 64, "nq": 48, "nq_em": 16, "mmlu": 32, "tqa": 32, "val": 48,
-              "pilot_val": 48, "test": 64, "test_acc": 16, "top_k": 256}
+              "pilot_val": 48, "test": 64, "test_acc": 16, "top_k": 256, "piqa": 64, "siqa": 64, "obqa": 64}
 SUITES = {
     "real": dict(preset="real", methods=REAL_METHODS, seeds=(0, 1, 2), steps=32, batch_size=8, warmup=2,
                  checkpoints=(1, 2, 4, 8, 16, 32), neighbours=0, rank=8, alpha=16.0, calib_source="nq-open",
@@ -58,7 +58,7 @@ SUITES = {
                       warmup=10, checkpoints=(1, 2, 4, 8, 16, 32, 64, 128, 240), neighbours=1, rank=8, alpha=16.0,
                       calib_source="nq-open", calib_samples=32, calib_len=256,
                       sizes={**REAL_SIZES, "wiki": 200, "nq": 200, "nq_em": 64, "mmlu": 100, "tqa": 100,
-                             "test": 150, "test_acc": 64, "top_k": 512},
+                             "test": 150, "test_acc": 64, "top_k": 512, "piqa": 500, "siqa": 500, "obqa": 500},
                       pilot=dict(seed=0, steps=40, lrs=PILOT_LRS, max_extensions=1)),
 }
 

@@ -10,7 +10,7 @@ import torch
 
 import eval as ev
 from conftest import random_model
-from loranull_mini import data, metrics
+from loranull_mini import answers, data, metrics
 from loranull_mini.data import Example
 
 
@@ -98,7 +98,7 @@ def test_the_title_is_not_among_the_wikipedia_tokens_scored(tmp_path):
     passages.append("Short -- too short")                                   # fewer body tokens: skipped
     write_jsonl(tmp_path / "BoolQ" / "combined.jsonl", [{"passage": p} for p in passages])
     tok = CharTokenizer()
-    examples = data.wiki_body_examples(tok, 4, body_tokens=64, root=tmp_path)
+    examples = data.wiki_body(tok, 4, 64, root=tmp_path)
     batch = data.collate(examples, tok.pad_id)
     for b, e in enumerate(examples):
         scored = tok.decode(batch["targets"][b][batch["loss_mask"][b] > 0].tolist())
@@ -106,7 +106,7 @@ def test_the_title_is_not_among_the_wikipedia_tokens_scored(tmp_path):
         assert title.startswith("Title") and title.endswith(" --")
         assert body.startswith(" Body") and "Title" not in body and len(scored) == 64
     with pytest.raises(ValueError, match="5 Wikipedia passages with 64 body tokens"):
-        data.wiki_body_examples(tok, 5, body_tokens=64, root=tmp_path)
+        data.wiki_body(tok, 5, 64, root=tmp_path)
 
 
 def test_items_for_precision_solves_the_standard_error_for_n():
@@ -134,17 +134,17 @@ def test_the_digit_and_other_parts_add_up_to_the_answer_loss():
 
 def test_numeric_distractors_come_from_the_problem_and_differ_from_the_gold():
     question = "Ellen had 380 legos, but she lost 57 of them. How many legos does she have now?"
-    got = data.numeric_distractors(question, 323.0, k=3, seed=0)
+    got = answers.numeric_distractors(question, 323.0, k=3, seed=0)
     assert len(got) == 3 and 323.0 not in got and set(got) <= {380.0, 57.0, 437.0, 380.0 * 57}
-    got = data.numeric_distractors("Add 3 and 5.", 8.0, k=3, seed=1)      # 3 + 5 is the gold: never offered
+    got = answers.numeric_distractors("Add 3 and 5.", 8.0, k=3, seed=1)      # 3 + 5 is the gold: never offered
     assert len(got) == 3 and set(got) <= {3.0, 5.0, 2.0, 15.0}
-    few = data.numeric_distractors("How many are there?", 0.0, k=3)        # no numbers: the gold's neighbours
+    few = answers.numeric_distractors("How many are there?", 0.0, k=3)        # no numbers: the gold's neighbours
     assert few == [1.0, -1.0, 10.0]
 
 
 def test_every_contrastive_distractor_is_a_number_different_from_the_gold_on_all_of_asdiv():
     rows = data.asdiv("train") + data.asdiv("val") + data.asdiv("test")
-    items = data.asdiv_numeric_choices(rows)
+    items = answers.asdiv_numeric_choices(rows)
     assert len(items) > 0.85 * len(rows)
     for r in items:
         gold = metrics.parse_number(r["number"])

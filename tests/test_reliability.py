@@ -490,3 +490,23 @@ def test_a_checkpoint_write_onto_a_real_full_disk_is_one_error_line_and_keeps_th
     assert {k: v for k, v in after.items() if k not in (runstate.METRICS, runstate.RUN)} == \
         {k: v for k, v in before.items() if k not in (runstate.METRICS, runstate.RUN)}
     assert not [p for p in out.rglob(".*tmp*")]
+
+
+def test_ctrl_c_during_training_ends_in_one_line_that_says_how_to_resume(tmp_path):
+    import signal
+    import subprocess
+    import time
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", "--preset", "toy", "--steps", "100000", "--ckpt-every", "5",
+                             "--eval-every", "100000", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("error: interrupted") and "--resume" in last

@@ -182,9 +182,10 @@ def test_data_parallel_matches_one_process(tmp_path):
 
 
 def test_data_parallel_keeps_each_ranks_random_state_and_counts_the_global_tokens(tmp_path):
-    # 15 examples per step split 8 / 7, with dropout: the ranks draw different amounts of
-    # randomness, so their states part, and one rank's token count times 2 is not the global count
-    args = ["--preset", "toy", "--init", "vanilla", "--steps", "4", "--batch-size", "15", "--dropout", "0.1",
+    # 3 examples per step split 2 / 1 (packed into 2 rows and 1), with dropout: the ranks draw
+    # different amounts of randomness, so their states part, and one rank's token count times 2
+    # is not the global count
+    args = ["--preset", "toy", "--init", "vanilla", "--steps", "4", "--batch-size", "3", "--dropout", "0.1",
             "--eval-every", "4"]
     train_two_processes(args, tmp_path / "two")
     rng = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["rng"]
@@ -192,7 +193,7 @@ def test_data_parallel_keeps_each_ranks_random_state_and_counts_the_global_token
     assert not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
     one = train.main(args + ["--out", str(tmp_path / "one")])
     assert [r["tokens"] for r in metrics_rows(tmp_path / "two")] == [r["tokens"] for r in one["metrics"]]
-    assert one["metrics"][-1]["tokens"] == 4 * 15 * 4                      # 4 steps of 15 examples of 4 tokens
+    assert one["metrics"][-1]["tokens"] == 4 * 3 * 4                       # 4 steps of 3 examples of 4 tokens
 
 
 def test_bad_input_gives_clear_errors(tmp_path, capsys):
