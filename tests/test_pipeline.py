@@ -63,7 +63,7 @@ def test_the_default_run_calls_loranull_init_and_null_basis(tmp_path, monkeypatc
 # The held-out loss of `python train.py --preset toy --init null` (the default init, eigh basis),
 # measured from a run of this code on a 2-core CPU; a change of path (basis, init, data order,
 # schedule) moves it by far more than the tolerance.
-TOY_DEFAULT_HELDOUT = {"before": 7.0288, "after": 1.5285}
+TOY_DEFAULT_HELDOUT = {"before": 7.0288, "after": 1.5186}  # packed batches, inits in one thread
 
 
 def test_the_toy_default_run_reproduces_its_heldout_loss(tmp_path):
