@@ -10,9 +10,14 @@
 
 Retention ("forgetting"), always on data that neither calibration nor training saw, and
 paired item by item with the base model, so the base model scores exactly 0:
-- Wikipedia (the headline): per-token KL(base || tuned) and the NLL change on held-out
-  passages. The KL is taken over the base model's 512 most likely tokens plus one bin for
+- Wikipedia (the headline): per-token KL(base || tuned) and the NLL change on the body text
+  of held-out passages (the first wiki_tokens tokens after the title line, which is context
+  only). The KL is taken over the base model's 512 most likely tokens plus one bin for
   the rest, a lower bound of the full KL (metrics.reference_distributions);
+- standard benchmarks PIQA, SIQA, OpenBookQA, prompted and scored as lm-eval-harness does:
+  acc, acc_norm and, paired with the base model, the KL of each item's option distribution;
+- chat: per-token KL(base || tuned) on the base model's own greedy chat-template answers
+  to held-out NQ-open questions, generated once (reference) and teacher-forced;
 - NQ-open contrastive: the gold answer against 3 distractors of the same answer type
   (number, date, person, place, other: loranull_mini/answers.py), after a plain "Q: ..\\nA:"
   prompt and inside the chat template: accuracy, margin and the KL of the distribution
@@ -22,9 +27,10 @@ paired item by item with the base model, so the base model scores exactly 0:
 - NQ-open exact match of the greedy answer (about 1% for a 135M model; for comparison with
   the paper, not for conclusions).
 Task: the answer loss (NLL per answer token, chat template) on held-out ASDiv problems, per
-item, on the validation split (for curves) and the test split (for tables), and greedy
-accuracy on the test split. The toy world measures held-out facts (KL of their answers,
-accuracy) and the new skill the same way.
+item, on the validation split (for curves) and the test split (for tables, split into digit
+and other tokens), greedy accuracy, and a contrastive numeric accuracy (the gold answer against
+the same answer with other numbers of the problem). The toy world measures held-out facts (KL
+of their answers, accuracy) and the new skill the same way. docs/MEASURES.md: how each is sized.
 """
 from __future__ import annotations
 
@@ -43,14 +49,16 @@ import torch
 
 import train
 from loranull_mini import data as datasets
-from loranull_mini.answers import answer_type
+from loranull_mini.answers import answer_type, asdiv_numeric_choices
 from loranull_mini.data import Example
 from loranull_mini.devices import pick_device
 from loranull_mini.files import write_json
 
 SIZES = {  # evaluation sets of a full evaluation (suites may choose smaller ones)
     "wiki": 200, "wiki_tokens": 96, "nq": 200, "nq_em": 64, "mmlu": 100, "tqa": 100, "val": 100,
-    "test": 150, "test_acc": 64, "top_k": 512, "piqa": 200, "siqa": 200, "obqa": 200,
+    "test": 150, "test_acc": 64, "top_k": 512,
+    # on when named (0 or absent: off): benchmark items, their subset's seed, chat questions, answer tokens
+    "piqa": 300, "siqa": 300, "obqa": 300, "bench_seed": 0, "chat": 64, "chat_tokens": 48,
 }
 
 
@@ -62,8 +70,10 @@ class Probes:
     test: list[Example]                 # the task's test items
     test_rows: list[dict]               # their questions and answers, for accuracy
     choices: dict = field(default_factory=dict)   # name -> (prompts, options): gold is option 0
-    benchmarks: dict = field(default_factory=dict)  # PIQA, SIQA, OpenBookQA: name -> (prompts, options, items)
     nq_em: list[dict] = field(default_factory=list)
+    benchmarks: dict = field(default_factory=dict)  # "piqa", "siqa", "obqa" -> items {context, options, label}
+    chat_questions: list[str] = field(default_factory=list)  # answered by the base model in reference()
+    chat_tokens: int = 48               # the longest base answer, in tokens
     toy: bool = False
 
 
@@ -88,14 +98,17 @@ def prepare_real(tok, sizes: dict = SIZES) -> Probes:
                       [[tok.encode(" " + r["answers"][0])] + [tok.encode(" " + other["answers"][0])
                                                               for other in rng.sample(tqa[:i] + tqa[i + 1:], 3)]
                        for i, r in enumerate(tqa[:sizes["tqa"]])])
-    benchmarks = {name: benchmark_probe(tok, name, sizes[name]) for name in datasets.BENCHMARKS if sizes.get(name)}
     test_rows = datasets.asdiv("test")[:sizes["test"]]
-    numeric = [(r, d) for r in test_rows if (d := datasets.numeric_distractors(r["question"], r["answer"]))]
-    choices["asdiv_numeric"] = ([tok.encode_chat([{"role": "user", "content": r["question"]}]) for r, _ in numeric],
-                                [[tok.encode(a) + eot for a in [r["answer"].strip()] + d] for r, d in numeric])
-    return Probes(benchmarks=benchmarks, retention=wiki, val=qa_examples(tok, datasets.asdiv("val")[:sizes["val"]]),
+    numeric = asdiv_numeric_choices(test_rows)   # the gold answer against other numbers of the problem
+    choices["asdiv_numeric"] = ([tok.encode_chat([{"role": "user", "content": r["question"]}]) for r in numeric],
+                                [[tok.encode(o) + eot for o in r["options"]] for r in numeric])
+    benchmarks = {name: datasets.benchmark(name, sizes[name], seed=sizes.get("bench_seed", 0))
+                  for name in datasets.BENCHMARKS if sizes.get(name)}
+    return Probes(retention=wiki, val=qa_examples(tok, datasets.asdiv("val")[:sizes["val"]]),
                   test=qa_examples(tok, test_rows), test_rows=test_rows[:sizes["test_acc"]], choices=choices,
-                  nq_em=nq[:sizes["nq_em"]])
+                  nq_em=nq[:sizes["nq_em"]], benchmarks=benchmarks,
+                  chat_questions=datasets.chat_questions(sizes["chat"]) if sizes.get("chat") else [],
+                  chat_tokens=sizes.get("chat_tokens", SIZES["chat_tokens"]))
 
 
 def typed_distractors(rows: list[dict], n: int, k: int = 3) -> list[dict]:
@@ -132,17 +145,26 @@ def reference(base, tok, probes: Probes, top_k: int = SIZES["top_k"]) -> dict:
     ref = {"retention": metrics.reference_distributions(base, probes.retention, tok.pad_id, k=top_k)}
     for name, (prompts, options) in probes.choices.items():
         ref[name] = metrics.option_distributions(metrics.option_logprobs(base, prompts, options))
-    for name, (prompts, options, _) in probes.benchmarks.items():
-        ref[name] = metrics.option_distributions(metrics.option_logprobs(base, prompts, options))
+    for name, items in probes.benchmarks.items():
+        ref[name] = metrics.choice_scores(base, tok, items)["logprobs"]
+    if probes.chat_questions:   # the base model's own answers, generated once, then teacher-forced
+        ref["chat_examples"] = metrics.chat_examples(base, tok, probes.chat_questions, probes.chat_tokens)
+        ref["chat"] = metrics.reference_distributions(base, ref["chat_examples"], tok.pad_id, k=top_k)
     return ref
 
 
 @torch.no_grad()
 def evaluate(model, tok, probes: Probes, ref: dict, full: bool = True) -> dict:
-    """{"scores": {name: number}, "items": {name: per-item list}, "seconds"} of one model.
-
-    Always: retention KL and NLL change, and the validation answer loss. full: also the
-    multiple-choice probes, exact match and the test split.
+    """{"scores": {name: mean}, "items": {name: per-item list}, "seconds"} of one model. Items:
+      kl, dnll, tokens             Wikipedia body text: summed KL(base || model), NLL change, token count
+      val_nll, val_tokens          ASDiv validation answers: summed NLL, token count
+    and with full (the end of a run):
+      {choice}_right, _kl, _margin NQ (plain, chat), MMLU, TruthfulQA, asdiv_numeric: gold is the argmax,
+                                   KL(base || model) of the option distribution, gold minus best other
+      {bench}_acc, _acc_norm, _kl  piqa, siqa, obqa, as lm-eval-harness scores them
+      chat_kl, chat_tokens         the base model's chat answers: summed per-token KL, token count
+      test_nll, test_tokens, test_{digit,other}_{nll,tokens}, test_right, em    ASDiv test, NQ EM
+    Scores of summed items are per token (kl, val_loss, chat_kl, test_digit_loss, ...).
     """
     t0 = time.time()
     r = metrics.kl_to_reference(model, probes.retention, tok.pad_id, ref["retention"])
@@ -158,22 +180,25 @@ def evaluate(model, tok, probes: Probes, ref: dict, full: bool = True) -> dict:
             margin = [p[0] - max(p[1:]) for p in logp]
             items.update({f"{name}_right": right, f"{name}_kl": kl, f"{name}_margin": margin})
             scores.update({f"{name}_acc": mean(right), f"{name}_kl": mean(kl), f"{name}_margin": mean(margin)})
-        for name, (prompts, options, rows) in probes.benchmarks.items():  # acc, acc_norm, option KL
-            raw = metrics.option_logprobs(model, prompts, options)
-            acc, acc_norm = zip(*[metrics.choice_accuracy(lp, r["options"], r["label"]) for lp, r in zip(raw, rows)])
-            kl = [metrics.categorical_kl(b, p) for b, p in zip(ref[name], metrics.option_distributions(raw))]
-            items.update({f"{name}_acc": list(acc), f"{name}_acc_norm": list(acc_norm), f"{name}_kl": kl})
-            scores.update({f"{name}_acc": mean(acc), f"{name}_acc_norm": mean(acc_norm), f"{name}_kl": mean(kl)})
-        logprobs = metrics.answer_logprobs(model, probes.test)  # the test answers' loss, digits apart
-        nll, tokens = [-sum(lp[0]) for lp in logprobs], [len(lp[0]) for lp in logprobs]
+        for name, bench_items in probes.benchmarks.items():          # as lm-eval-harness scores them
+            b = metrics.choice_scores(model, tok, bench_items)
+            b = {"acc": b["acc"], "acc_norm": b["acc_norm"], "kl": metrics.option_kl(ref[name], b["logprobs"])}
+            items.update({f"{name}_{k}": v for k, v in b.items()})
+            scores.update({f"{name}_{k}": mean(v) for k, v in b.items()})
+        if "chat" in ref:
+            c = metrics.kl_to_reference(model, ref["chat_examples"], tok.pad_id, ref["chat"])
+            items.update({"chat_kl": c["kl"], "chat_tokens": c["tokens"]})
+            scores["chat_kl"] = sum(c["kl"]) / sum(c["tokens"])
+        logprobs = metrics.answer_logprobs(model, probes.test)
+        nll, tokens = [-sum(lp) for lp in logprobs], [len(lp) for lp in logprobs]
         split = metrics.digit_split(tok, probes.test, logprobs)
-        items.update({f"test_{k}": v for k, v in split.items()})
-        scores.update({"test_digit_loss": sum(split["digit_nll"]) / max(sum(split["digit_tokens"]), 1),
-                       "test_other_loss": sum(split["other_nll"]) / max(sum(split["other_tokens"]), 1)})
         right = answer_accuracy(model, tok, probes.test_rows, toy=probes.toy)
         em = exact_match(model, tok, probes.nq_em, toy=probes.toy)
-        items.update({"test_nll": nll, "test_tokens": tokens, "test_right": right, "em": em})
-        scores.update({"test_loss": sum(nll) / sum(tokens), "test_acc": mean(right), "em": mean(em)})
+        items.update({"test_nll": nll, "test_tokens": tokens, "test_right": right, "em": em,
+                      **{f"test_{k}": v for k, v in split.items()}})
+        scores.update({"test_loss": sum(nll) / sum(tokens), "test_acc": mean(right), "em": mean(em),
+                       **{f"test_{k}_loss": sum(split[f"{k}_nll"]) / max(sum(split[f"{k}_tokens"]), 1)
+                          for k in ("digit", "other")}})
     scores["ppl_change"] = math.exp(scores["dnll"]) - 1
     return {"scores": scores, "items": items, "seconds": time.time() - t0}
 
@@ -202,24 +227,6 @@ def mean(xs) -> float:
 
 
 # ----------------------------------------------------------------------------- one model
-def benchmark_probe(tok, name: str, n: int) -> tuple:
-    """(prompts, options, items) of n items of PIQA, SIQA or OpenBookQA, tokenised as
-    lm-eval-harness builds them: the context, then each option after a space."""
-    items = datasets.benchmark(name, n)
-    return [tok.encode(r["context"]) for r in items], [[tok.encode(" " + o) for o in r["options"]] for r in items], items
-
-
-def benchmark_scores(model, tok, n: int) -> dict:
-    """acc and acc_norm of one model on n items of each of PIQA, SIQA and OpenBookQA."""
-    scores = {}
-    for name in datasets.BENCHMARKS:
-        prompts, options, items = benchmark_probe(tok, name, n)
-        raw = metrics.option_logprobs(model, prompts, options)
-        acc, acc_norm = zip(*[metrics.choice_accuracy(lp, r["options"], r["label"]) for lp, r in zip(raw, items)])
-        scores.update({f"{name}_acc": mean(acc), f"{name}_acc_norm": mean(acc_norm)})
-    return scores
-
-
 def evaluate_adapter(model_path: str, adapter: str, device: str = "auto", quick: bool = False) -> dict:
     """The base model and base + adapter on the real probes; the adapter's scores are paired
     with the base's."""

@@ -6,10 +6,16 @@ one name among three dates), so every distractor is drawn from answers of the go
 type. The rules below are simple and deterministic; what matters is that gold and
 distractors are typed by the same rules, not that every answer is typed as a person
 would.
+
+ASDiv's numeric answers get distractors of their own kind: the same answer text with
+another number built from the problem (numeric_distractors, asdiv_numeric_choices).
 """
 from __future__ import annotations
 
+import random
 import re
+
+from loranull_mini.metrics import NUMBER, _to_float, parse_number, same_number
 
 MONTHS = ("january february march april may june july august september october november december "
           "jan feb mar apr jun jul aug sep sept oct nov dec").split()
@@ -93,3 +99,44 @@ def answer_type(answer: str) -> str:
     if len(names) == 1 and words and words[0] in GIVEN_NAMES:
         return "person"
     return "other"
+
+
+# ----------------------------------------------------------------------------- numeric answers
+def number_text(x: float) -> str:
+    """A number as a problem would write it: 12, 2.5, -3 (at most 4 decimals)."""
+    return str(int(round(x))) if abs(x - round(x)) < 1e-9 else f"{x:.4f}".rstrip("0")
+
+
+def numeric_distractors(question: str, gold: float, k: int = 3, seed: int = 0) -> list[float]:
+    """k distinct numbers, each different from the gold, built from the problem: k drawn with
+    the seed from its numbers and their pairwise sums, differences and products; where the
+    problem offers fewer than k, the gold's neighbours (gold + 1, gold - 1, 2 gold, gold + 10,
+    ...) fill the rest."""
+    operands = [v for v in (_to_float(m) for m in NUMBER.findall(question)) if v is not None]
+    built = operands + [f(a, b) for i, a in enumerate(operands) for b in operands[i + 1:]
+                        for f in (lambda a, b: a + b, lambda a, b: abs(a - b), lambda a, b: a * b)]
+    pool: list[float] = []
+    for v in built:
+        if not same_number(v, gold) and not any(same_number(v, u) for u in pool):
+            pool.append(v)
+    picked = random.Random(seed).sample(pool, k) if len(pool) >= k else pool
+    for v in (gold + 1, gold - 1, 2 * gold, gold + 10, gold - 10, gold + 2, gold + 100):
+        if len(picked) < k and not same_number(v, gold) and not any(same_number(v, u) for u in picked):
+            picked.append(v)
+    return picked
+
+
+def asdiv_numeric_choices(rows: list[dict], k: int = 3, seed: int = 0) -> list[dict]:
+    """The ASDiv rows whose answer is a number, with options [gold answer, k distractor
+    answers]: the answer text ("9 apples") with its number replaced by each of
+    numeric_distractors (seed + the row's index), so the options differ only in the number.
+    Rows answered by a word ("Book store") have no numeric contrast and are left out."""
+    out = []
+    for i, r in enumerate(rows):
+        gold = parse_number(r["number"])
+        if gold is None:
+            continue
+        others = [r["answer"].replace(r["number"], number_text(v), 1)
+                  for v in numeric_distractors(r["question"], gold, k, seed=seed + i)]
+        out.append({**r, "options": [r["answer"]] + others})
+    return out

