@@ -32,11 +32,11 @@ import torch
 
 import lora
 import nullspace
-from loranull_mini import adapter_io, calibration, metrics, stats, study_report
+from loranull_mini import calibration, metrics, stats, study_report
 from loranull_mini import data as datasets
 from loranull_mini.devices import pick_device
 from loranull_mini.files import read_json, write_text
-from loranull_mini.suite import METHODS as ADAPTER_METHODS
+from loranull_mini.suite import METHODS as ADAPTER_METHODS, start_adapters
 
 METHODS = {**ADAPTER_METHODS, "full": ("full", False), "null-v2-chat": ("null", True)}  # label -> (init, A frozen)
 CALIBRATION = {"null-v2-chat": "chat"}        # methods calibrated on another text than the study's
@@ -254,18 +254,8 @@ class Study:
         """Wrap the model's targets and start them from the method's init, computed once per (method, seed)."""
         init, frozen = METHODS[method]
         key = (method, seed)
-        layers = lora.inject_lora(model, nullspace.ALL_TARGETS, self.s["rank"], self.s["alpha"], freeze_A=frozen,
-                                  seed=seed)
-        if key not in self.inits:
-            fresh = nullspace.inject_adapters(copy.deepcopy(self.world()["base"]), nullspace.ALL_TARGETS,
-                                              self.s["rank"], self.s["alpha"], init=init, covariances=covariances,
-                                              freeze_A=frozen, seed=seed)
-            self.inits[key] = {name: {k: getattr(layer, k).detach().clone() for k in ("A", "B", "A0", "B0")
-                                      if getattr(layer, k) is not None} for name, layer in fresh.items()}
-        for name, layer in layers.items():
-            adapter_io.restore_layer(layer, {f"{name}.{k}": v for k, v in self.inits[key][name].items()}, name)
-        lora.mark_only_lora_trainable(model)
-        return layers
+        return start_adapters(model, self.world()["base"], self.inits, key, init, covariances, self.s["rank"],
+                              self.s["alpha"], frozen, seed)
 
     # --------------------------------------------------------------------------- shared state
     def world(self) -> dict:

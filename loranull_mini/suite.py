@@ -253,17 +253,8 @@ class Study:
         (variant, method, seed) from that seed's calibration."""
         init, frozen = METHODS[method]
         key = (world["variant"], method, seed)
-        layers = lora.inject_lora(model, nullspace.ALL_TARGETS, self.rank, self.alpha, freeze_A=frozen, seed=seed)
-        if key not in self.inits:
-            fresh = nullspace.inject_adapters(copy.deepcopy(world["base"]), nullspace.ALL_TARGETS, self.rank,
-                                              self.alpha, init=init, covariances=world["covariances"],
-                                              freeze_A=frozen, seed=seed)
-            self.inits[key] = {name: {k: getattr(layer, k).detach().clone() for k in ("A", "B", "A0", "B0")
-                                      if getattr(layer, k) is not None} for name, layer in fresh.items()}
-        for name, layer in layers.items():
-            adapter_io.restore_layer(layer, {f"{name}.{k}": v for k, v in self.inits[key][name].items()}, name)
-        lora.mark_only_lora_trainable(model)
-        return layers
+        return start_adapters(model, world["base"], self.inits, key, init, world["covariances"], self.rank,
+                              self.alpha, frozen, seed)
 
     # --------------------------------------------------------------------------- worlds
     def train_settings(self, variant: str, seed: int) -> dict:
@@ -323,6 +314,22 @@ class Study:
 
 
 _study = None  # a worker process's Study
+
+
+def start_adapters(model, base, inits: dict, key, init: str, covariances, rank: int, alpha: float, frozen: bool,
+                   seed: int) -> dict:
+    """LoRA layers on `model` started from `init`, computed once per key on a copy of `base`
+    (inits caches the factors), so every learning rate of a (method, seed) starts alike."""
+    layers = lora.inject_lora(model, nullspace.ALL_TARGETS, rank, alpha, freeze_A=frozen, seed=seed)
+    if key not in inits:
+        fresh = nullspace.inject_adapters(copy.deepcopy(base), nullspace.ALL_TARGETS, rank, alpha, init=init,
+                                          covariances=covariances, freeze_A=frozen, seed=seed)
+        inits[key] = {name: {k: getattr(layer, k).detach().clone() for k in ("A", "B", "A0", "B0")
+                             if getattr(layer, k) is not None} for name, layer in fresh.items()}
+    for name, layer in layers.items():
+        adapter_io.restore_layer(layer, {f"{name}.{k}": v for k, v in inits[key][name].items()}, name)
+    lora.mark_only_lora_trainable(model)
+    return layers
 
 
 def _worker_start(settings, measure, out, device):
