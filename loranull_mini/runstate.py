@@ -8,6 +8,7 @@
 
 A checkpoint is written only once its weights have given a finite loss and a gradient in the
 next step; a held-out loss that stays above where it started (DivergenceWatch) stops the run.
+Guard is the one call the training loop makes for all of it.
 
 Every file is replaced atomically (loranull_mini/files.py), and a checkpoint is written only
 from finite adapter weights: a killed or diverged run always leaves the last good state.
@@ -27,7 +28,7 @@ from loranull_mini.files import atomic_write, read_json, tensors_sha256, write_j
 
 CHECKPOINT, METRICS, RUN = "checkpoint.pt", "metrics.jsonl", "run.json"
 LOCK, ADAPTER, SUMMARY = ".lock", "adapter", "summary.json"
-FINISHED = (ADAPTER, "adapter-delta", SUMMARY)  # what a finished run leaves besides its checkpoint
+FINISHED = (ADAPTER, "adapter-delta", SUMMARY, "model")  # what a finished run leaves besides its checkpoint
 
 # Settings a resumed run must share with its checkpoint (the rest, e.g. --steps, may change).
 RESUME_MUST_MATCH = ("init", "freeze_a", "preset", "toy_overlap", "model", "rank", "alpha", "targets", "dropout", "data", "max_len",
@@ -204,6 +205,63 @@ class DivergenceWatch:
     def diverged(self, loss: float) -> bool:
         self.count = self.count + 1 if not loss <= self.limit else 0  # NaN counts as above
         return self.count >= self.patience
+
+
+class Guard:
+    """The training loop's guards, each one call: finite loss, gradient and weights; the
+    divergence watch on the held-out loss; and the deferred checkpoint, written only once its
+    weights have given a finite loss and a gradient in the next step (the last one: a finite
+    final evaluation). Every stop raises FloatingPointError naming the last good checkpoint."""
+
+    def __init__(self, out, start: dict, config: dict, device, proc: int, world: int):
+        self.out, self.start, self.config, self.device, self.proc, self.world = out, start, config, device, proc, world
+        self.watch = DivergenceWatch(start["heldout_loss"])
+        self.due = None                                # (step, random states) of a checkpoint not yet tried
+
+    def stop(self, what: str, advice: str):
+        raise FloatingPointError(f"{what}; {good_checkpoint(self.out)}: {advice}")
+
+    def step_went_well(self, loss, grad_norm, step: int, lr: float, model, optimizer, metrics: list):
+        """After backward: a finite loss and a nonzero gradient, so a checkpoint due is good and written now."""
+        if not torch.isfinite(loss):
+            self.stop(f"loss is {loss.item()} at step {step}", "lower --lr and --resume")
+        if float(grad_norm) == 0:
+            self.stop(f"the gradient is exactly zero at step {step} (loss {loss.item():.4f}): the model's outputs "
+                      f"no longer depend on the adapter (its activations overflowed at lr {lr:g})",
+                      "lower --lr (and --resume, or start afresh)")
+        if self.due is not None:
+            save_state(self.out, *self.due, model, optimizer, self.config, metrics, self.start, self.proc)
+            self.due = None
+
+    def weights_finite(self, params, step: int, lr: float):
+        if not all(torch.isfinite(p).all() for p in params):
+            self.stop(f"the adapter weights are not finite after step {step} (lr {lr:.3g})", "lower --lr and --resume")
+
+    def evaluated(self, heldout_loss: float, lr: float):
+        if self.watch.diverged(heldout_loss):
+            self.stop(f"the held-out loss {heldout_loss:.4f} has stayed above {self.watch.limit:.4f} (the starting "
+                      f"{self.watch.start:.4f} + 10%) for {self.watch.patience} evaluations: the run diverged at lr "
+                      f"{lr:g}", "lower --lr (and --resume, or start afresh)")
+
+    def checkpoint(self, step: int, last: bool, model, optimizer, metrics: list):
+        """A checkpoint of `step`: deferred to the next step, or written now after the final evaluation."""
+        if self.out is None or self.watch.suspicious:
+            return
+        self.due = (step, all_random_states(self.device, self.world))  # a collective: every process takes part
+        if last:
+            save_state(self.out, *self.due, model, optimizer, self.config, metrics, self.start, self.proc)
+
+    def finish(self, lr: float):
+        if self.watch.suspicious:
+            self.stop(f"the held-out loss ended above {self.watch.limit:.4f}, 10% over where it started: the run "
+                      f"did not learn at lr {lr:g}", "lower --lr")
+
+
+def restore(resumed: dict, optimizer, device, proc: int) -> tuple[int, list, dict]:
+    """(step, metrics rows, step-0 evaluation) of a resumed run, its optimizer and random states set."""
+    optimizer.load_state_dict(resumed["optimizer"])
+    set_random_states(resumed["rng"][min(proc, len(resumed["rng"]) - 1)], device)
+    return resumed["step"], list(resumed["metrics"]), resumed["start"]
 
 
 def save_covariances(path: Path, covariances: dict):

@@ -40,20 +40,21 @@ from loranull_mini.suite import METHODS as ADAPTER_METHODS, start_adapters
 
 METHODS = {**ADAPTER_METHODS, "full": ("full", False), "null-v2-chat": ("null", True)}  # label -> (init, A frozen)
 CALIBRATION = {"null-v2-chat": "chat"}        # methods calibrated on another text than the study's
-REAL_METHODS = ("lora", "pissa", "milora", "corda", "null", "null-v2", "lora-fa", "space-fa", "full", "null-v2-chat")
+REAL_METHODS = ("lora", "null-v2", "null", "pissa", "milora", "corda", "full", "lora-fa", "space-fa",  # run in
+                "null-v2-chat")                                                           # this order
 LORA_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
 PILOT_LRS = {"default": LORA_LRS, "pissa": (2.5e-4, 5e-4, 1e-3, 2e-3), "milora": (5e-4, 1e-3, 2e-3, 4e-3),
              "full": (1.25e-5, 2.5e-5, 5e-5, 1e-4)}
-# Sized for <= 120 min on 2 idle CPU cores: ~1300 training steps of batch 8 (pilot + main), cheap
-# probes (64 passages x 64 tokens, 48 validation problems) at 6 checkpoints per run, and the full
-# probe set once at the end of each run.
+# Per run on 2 idle CPU cores (measured, docs/results/real/README.md): a training step of batch 8
+# ~7 s, the cheap probes (64 passages x 64 tokens, 48 validation problems) ~21 s per checkpoint,
+# the full probe set ~130 s once at the end: ~8 min a run, 30 runs, so a study takes sittings.
 REAL_SIZES = {"wiki": 64, "wiki_tokens": 64, "nq": 48, "nq_em": 16, "mmlu": 32, "tqa": 32, "val": 48,
               "pilot_val": 48, "test": 64, "test_acc": 16, "top_k": 256, "piqa": 64, "siqa": 64, "obqa": 64}
 SUITES = {
     "real": dict(preset="real", methods=REAL_METHODS, seeds=(0, 1, 2), steps=32, batch_size=8, warmup=2,
                  checkpoints=(1, 2, 4, 8, 16, 32), neighbours=0, rank=8, alpha=16.0, calib_source="nq-open",
                  calib_samples=16, calib_len=128, sizes=REAL_SIZES,
-                 pilot=dict(seed=0, steps=6, lrs=PILOT_LRS, max_extensions=1)),
+                 pilot=dict(seed=0, steps=4, lrs=PILOT_LRS, max_extensions=1)),
     "real-long": dict(preset="real", methods=REAL_METHODS, seeds=(0, 1, 2, 3, 4), steps=240, batch_size=8,
                       warmup=10, checkpoints=(1, 2, 4, 8, 16, 32, 64, 128, 240), neighbours=1, rank=8, alpha=16.0,
                       calib_source="nq-open", calib_samples=32, calib_len=256,
@@ -168,10 +169,10 @@ class Study:
         scores = {}
 
         def at_checkpoint(model, step):
-            if step == n:
+            if step == n:                          # the task losses only: a pilot measures no retention
                 nll, tokens = metrics.answer_nll(model, world["pilot_items"])
-                val = self.m.evaluate(model, world["tok"], world["probes"], world["ref"], full=False)["scores"]
-                scores.update(pilot_loss=sum(nll) / sum(tokens), val_loss=val["val_loss"])
+                val_nll, val_tokens = metrics.answer_nll(model, world["probes"].val)
+                scores.update(pilot_loss=sum(nll) / sum(tokens), val_loss=sum(val_nll) / sum(val_tokens))
                 raise _PilotDone
         try:
             self.train(method, lr, self.s["pilot"]["seed"], at_checkpoint, seconds={})

@@ -260,3 +260,23 @@ def test_loranull_v2_keeps_A_frozen_and_calibration_outputs_still_while_the_loss
     v1 = train.main(["--preset", "toy", "--toy-overlap", "bottom", "--init", "null", "--steps", "40",
                      "--eval-every", "40", "--out", str(tmp_path / "v1")])
     assert v1["metrics"][-1]["disturbance"] > 5 * evals[-1]["disturbance"]
+
+
+def test_full_fine_tuning_changes_every_weight_and_injects_no_adapter(tmp_path):
+    from loranull_mini.checkpoint import load_model
+    import lora
+    base, _ = toy.load_toy_model()
+    result = run(tmp_path, "--init", "full", "--lr", "1e-3")
+    model, out = result["model"], Path(result["out"])
+    assert not lora.lora_layers(model) and result["layers"] == {}
+    before = dict(base.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.requires_grad and not torch.equal(p.detach(), before[name].detach()), name
+    assert (out / "model" / "model.safetensors").is_file() and not (out / "adapter").exists()
+    assert not (out / "checkpoint.pt").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 12
+    saved, _ = load_model(str(out / "model"))
+    torch.testing.assert_close(probe_logits(saved), probe_logits(model), rtol=0, atol=1e-5)
+    with pytest.raises(FileExistsError, match="finished run"):
+        run(tmp_path, "--init", "full")
+    with pytest.raises(ValueError, match="--init full trains every weight"):
+        run(tmp_path, "--init", "full", "--resume", name="other")
