@@ -232,14 +232,16 @@ def evaluate_adapter(model_path: str, adapter: str, device: str = "auto", quick:
     with the base's."""
     from loranull_mini.checkpoint import load_model
     device, _ = pick_device(device)
+    adapter_io.read_adapter(adapter)                    # a damaged or foreign directory: before anything loads
     base, tok = load_model(model_path or None, require_tokenizer=True)
+    tuned = copy.deepcopy(base)
+    adapter_io.load_adapter(tuned, adapter)             # an adapter of another base: before anything is evaluated
     base.to(device).eval()
+    tuned.to(device).eval()
     sizes = {**SIZES, **(suite.QUICK_SIZES if quick else {})}
     probes = prepare_real(tok, sizes)
     ref = reference(base, tok, probes, sizes["top_k"])
     base_eval = evaluate(base, tok, probes, ref)
-    tuned = copy.deepcopy(base)
-    adapter_io.load_adapter(tuned, adapter)
     tuned_eval = evaluate(tuned, tok, probes, ref)
     return {"base": base_eval["scores"], "adapter": tuned_eval["scores"], "items": tuned_eval["items"]}
 

@@ -30,18 +30,26 @@ ASDIV_TEST = 300         # ASDiv problems held out for task evaluation (the repo
 ASDIV_VAL = 100          # ASDiv problems held out for choices made during a study (never trained on)
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_utf8(path: Path, what: str) -> str:
+    """A text file's contents; ValueError naming the file (and what it was given as) if it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 4]!r}); "
+                         f"convert it to UTF-8") from None
+
+
+def read_jsonl(path: Path, what: str = "data file") -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    for line_no, line in enumerate(read_utf8(path, what).splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
     if not rows:
         raise ValueError(f"data file is empty: {path}")
     return rows
@@ -124,7 +132,7 @@ def calibration_texts(source: str, task_rows: list[dict] | None = None) -> list[
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"--calib-source: neither nq-open, wiki, task, chat nor a file: {source}")
-    texts = [t for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+    texts = [t for t in read_utf8(path, "--calib-source").split("\n\n") if t.strip()]
     if not texts:
         raise ValueError(f"--calib-source {source}: the file holds no text")
     return texts
@@ -170,7 +178,7 @@ def asdiv(split: str, root: Path | None = None) -> list[dict]:
 
 def load_task_file(path: Path) -> list[dict]:
     """A user's own task: jsonl rows with "question" and "answer" (strings)."""
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, "--data")
     for i, r in enumerate(rows, 1):
         if not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
             raise ValueError(f"{path}: row {i} needs string fields 'question' and 'answer'")

@@ -38,6 +38,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from loranull_mini.files import write_text
+
 ROOT = Path(__file__).resolve().parents[1]        # the project this module belongs to
 CORE_FILES = ("model.py", "lora.py", "nullspace.py")
 NOT_COPIED = {"tests/test_exercises.py",          # tests that need the reference bodies: of this module,
@@ -318,7 +320,10 @@ def replace_bodies(path: Path, regions: list[Region], bodies: list[list[str]]):
         compile(text, str(path), "exec")  # a replacement never leaves a file that does not parse
     except SyntaxError as e:
         raise ExerciseError(f"{path} would not parse (line {e.lineno}: {e.msg}); nothing written") from None
-    path.write_text(text, encoding="utf-8")
+    try:
+        write_text(path, text)                       # atomic: the old file or the new one, never half
+    except OSError as e:
+        raise ExerciseError(f"{e}; {path} is unchanged") from None
 
 
 # ----------------------------------------------------------------------------- make and solve
@@ -352,13 +357,22 @@ def make(dest: Path, source: Path = ROOT) -> list[str]:
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ExerciseError(f"{dest} already exists and is not an empty directory")
     files = project_files(source)
-    for name in files:
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source / name, target)
-    for file in CORE_FILES:
-        mine = [r for r in regions if r.file == file]
-        replace_bodies(dest / file, mine, [blank_body(r) for r in mine])
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")  # built aside, then renamed: never a half copy
+    try:
+        for name in files:
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, target)
+        for file in CORE_FILES:
+            mine = [r for r in regions if r.file == file]
+            replace_bodies(tmp / file, mine, [blank_body(r) for r in mine])
+        if dest.exists():
+            dest.rmdir()                             # empty, checked above
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise ExerciseError(f"cannot write the student copy {dest}: {e.strerror or e}; nothing was left there") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return files
 
 
@@ -530,9 +544,9 @@ def main(argv=None) -> int:
                 print(f"solved {key}")
         elif args.command == "check":
             return 0 if check(args.numbers, args.dir, args.timeout) else 1
-    except ExerciseError as e:
+    except (ExerciseError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     return 0
 
 

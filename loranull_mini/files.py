@@ -32,6 +32,7 @@ def atomic_write(path, write) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # what open() would give (some writers make 0600 files)
         with open(tmp, "rb+") as f:  # on disk before the rename, so a crash cannot leave an empty file
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,8 +46,17 @@ def atomic_write(path, write) -> Path:
             raise
         raise OSError(errno.ENOSPC, f"cannot write {path}: no space left on the device") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:           # e.g. the parent is a file: the error above says so
+            pass
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def disk_full(directory, margin: int = 64 * 1024) -> bool:
@@ -93,6 +103,31 @@ def restore_directory(path) -> Path:
         if aside:
             os.replace(aside[-1], path)
     return path
+
+
+def remove_stale_temporaries(directory) -> list[Path]:
+    """Remove the temporary files and directories (.NAME.tmpPID) that a killed writer left in
+    `directory`; those of a process still alive are kept. Returns what was removed."""
+    import re
+    removed = []
+    for p in Path(directory).glob(".*.tmp*") if Path(directory).is_dir() else []:
+        m = re.fullmatch(r"\..+\.tmp(\d+)", p.name)
+        if m and not process_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def write_text(path, text: str) -> Path:

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 import lora
-from loranull_mini.files import atomic_write, read_json, tensors_sha256, write_json, write_text
+from loranull_mini.files import (atomic_write, process_alive, read_json, remove_stale_temporaries, tensors_sha256,
+                                 write_json, write_text)
 
 CHECKPOINT, METRICS, RUN = "checkpoint.pt", "metrics.jsonl", "run.json"
 LOCK, ADAPTER, SUMMARY = ".lock", "adapter", "summary.json"
@@ -126,16 +127,6 @@ def check_fresh_out(out: Path):
             raise FileExistsError(f"{out / name} exists: {hint}, or choose another --out")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def lock_out(out: Path):
     """Take OUT/.lock for this process: a second run into the same directory is refused while
     the first is alive; a lock left by a dead process is taken over. Released at exit."""
@@ -153,7 +144,7 @@ def lock_out(out: Path):
                 pid = 0
             if pid == os.getpid():
                 return
-            if pid and _alive(pid):
+            if pid and process_alive(pid):
                 raise FileExistsError(f"{out} is in use by another run (process {pid}, {path}): wait for it to "
                                       f"end, or choose another --out") from None
             path.unlink(missing_ok=True)  # stale: its process is gone
@@ -161,6 +152,8 @@ def lock_out(out: Path):
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
         atexit.register(unlock_out, out)
+        for directory in (out, out / ADAPTER):    # what a killed run of this directory left half-written
+            remove_stale_temporaries(directory)
         return
     raise FileExistsError(f"cannot take the lock {path}: another run took it meanwhile")
 
@@ -282,7 +275,8 @@ def write_metrics(path: Path, rows: list[dict]):
 def read_metrics(path: Path, up_to_step: int) -> list[dict]:
     """The rows of a metrics log up to a step (a resume drops the rows past its checkpoint)."""
     if not path.is_file():
-        return []
+        raise FileNotFoundError(f"{path} is missing but the checkpoint is at step {up_to_step}: a resume would "
+                                f"lose the log and restart the token count; put it back, or start afresh in another --out")
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
@@ -293,6 +287,12 @@ def read_metrics(path: Path, up_to_step: int) -> list[dict]:
             if not isinstance(row, dict) or not isinstance(row.get("step"), int):
                 raise ValueError(f"{path}:{number}: a metrics row needs an integer 'step'")
             rows.append(row)
+    steps = [r["step"] for r in rows if r["step"] <= up_to_step]
+    if steps != list(range(1, up_to_step + 1)):
+        have = f"steps {steps[0]}..{steps[-1]} ({len(steps)} rows)" if steps else "no rows"
+        raise ValueError(f"{path} holds {have} but the checkpoint is at step {up_to_step}: the log was truncated, "
+                         f"edited or deleted, and a resume would lose its rows and token count; put it back, "
+                         f"or start afresh in another --out")
     return [r for r in rows if r["step"] <= up_to_step]
 
 

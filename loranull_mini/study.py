@@ -76,11 +76,17 @@ def run(name: str, measure, *, out: str = "", device: str = "auto", report_only:
     study = Study(definition, measure, out, device)
     settings = study.fix_settings()
     study.check_runs(settings)
-    for method in definition["methods"]:
-        for seed in definition["seeds"]:
-            for lr in settings["lrs"][method]:
-                study.main_run(method, lr, seed, settings)
+    for method, lr, seed in run_order(definition, settings):
+        study.main_run(method, lr, seed, settings)
     return study_report.write(out, settings)
+
+
+def run_order(definition: dict, settings: dict) -> list[tuple[str, float, int]]:
+    """The main runs, methods two by two, each pair's seeds interleaved (lora s0, null-v2 s0, lora s1,
+    ...): a study stopped part-way has whole paired comparisons, the headline pair first."""
+    methods = list(definition["methods"])
+    return [(m, lr, seed) for i in range(0, len(methods), 2) for seed in definition["seeds"]
+            for m in methods[i:i + 2] for lr in settings["lrs"][m]]
 
 
 def jsonable(obj):

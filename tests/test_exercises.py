@@ -188,12 +188,12 @@ def test_bad_numbers_and_directories_are_clear_errors(tmp_path):
         done = run("check", bad)
         assert done.returncode == 2 and f"no exercise '{bad}'" in done.stderr, done.stderr
     done = run("check", "1", "--dir", tmp_path / "missing")
-    assert done.returncode == 2 and "is not a directory" in done.stderr
+    assert done.returncode == 1 and "is not a directory" in done.stderr
     done = run("check", "1", "--dir", tmp_path)
-    assert done.returncode == 2 and "does not look like a copy of the project" in done.stderr
+    assert done.returncode == 1 and "does not look like a copy of the project" in done.stderr
     (tmp_path / "note.txt").write_text("not empty")
     done = run("make", tmp_path)
-    assert done.returncode == 2 and "is not an empty directory" in done.stderr
+    assert done.returncode == 1 and "is not an empty directory" in done.stderr
     with pytest.raises(ex.ExerciseError, match="inside the project"):
         ex.make(ROOT / "student-copy")
     assert not (ROOT / "student-copy").exists()

@@ -510,3 +510,82 @@ def test_ctrl_c_during_training_ends_in_one_line_that_says_how_to_resume(tmp_pat
     assert "Traceback" not in err
     last = [line for line in err.splitlines() if line.strip()][-1]
     assert last.startswith("error: interrupted") and "--resume" in last
+
+
+# ----------------------------------------------------------------------------- round-three items
+def test_exercises_make_onto_a_real_full_disk_is_one_error_line_and_leaves_no_student_copy(small_disk):
+    proc = subprocess.run([sys.executable, "-m", "loranull_mini.exercises", "make", str(small_disk / "copy")],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    line = last_line_is_the_error(proc)
+    assert proc.returncode == 1 and "no space left" in line.lower(), proc.stderr[-2000:]
+    assert list(small_disk.iterdir()) == []           # no half copy holding the solutions, and a rerun may start
+
+
+def test_exercises_solve_onto_a_read_only_copy_is_one_error_line(tmp_path):
+    from loranull_mini import exercises
+    copy = tmp_path / "copy"
+    exercises.make(copy)
+    before = files(copy)
+    with read_only(copy):
+        code = exercises.main(["solve", "1", "--dir", str(copy)])
+    assert code == 1 and files(copy) == before
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_resume_refuses_a_missing_or_truncated_metrics_log(run_dir, damage, nothing_loads):
+    log = run_dir / runstate.METRICS
+    if damage == "deleted":
+        log.unlink()
+    else:
+        log.write_text("".join(log.read_text().splitlines(keepends=True)[:5]))
+    error = FileNotFoundError if damage == "deleted" else ValueError
+    with pytest.raises(error, match="the checkpoint is at step 12"):
+        train.main(QUICK + WORLD + ["--resume", "--steps", "16", "--out", str(run_dir)])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--calib-source", "wiki"], "--preset toy calibrates on the toy world's own facts"),
+    (["--calib-samples", "8"], "--preset toy calibrates on the toy world's own facts"),
+    (["--batch-size", "100000"], "fewer than one global batch of 100000"),
+    (["--max-len", "2"], "--max-len 2 cuts more than half the prompt"),
+])
+def test_the_toy_preset_refuses_options_it_would_ignore_or_misuse(tmp_path, args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train.main(QUICK + args + ["--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_killed_writers_temporary_files_are_removed_by_the_next_run(run_dir):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = [run_dir / f".checkpoint.pt.tmp{dead}", run_dir / "adapter" / f".adapter.safetensors.tmp{dead}"]
+    for p in stale:
+        p.write_bytes(b"half")
+    mine = run_dir / f".notes.txt.tmp{os.getpid()}"     # a live process's: kept
+    mine.write_bytes(b"in progress")
+    train.main(QUICK + WORLD + ["--resume", "--steps", "16", "--out", str(run_dir)])
+    assert not any(p.exists() for p in stale) and mine.exists()
+
+
+def test_eval_adapter_checks_the_adapter_before_anything_is_evaluated(tmp_path, monkeypatch):
+    import eval as evaluation
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("evaluated before the adapter was checked"))
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        evaluation.evaluate_adapter("", str(tmp_path / "missing"))
+
+
+def test_out_naming_a_file_and_non_utf8_inputs_are_named_in_one_line(tmp_path):
+    target = tmp_path / "bin.txt"
+    target.write_text("a file")
+    proc = script("train.py", *QUICK, "--out", str(target))
+    assert "is not a directory" in last_line_is_the_error(proc) and str(target) in proc.stderr
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes('{"question": "caf\xe9", "answer": "1"}\n'.encode("latin-1"))
+    proc = script("train.py", "--data", str(latin), "--steps", "1")
+    line = last_line_is_the_error(proc)
+    assert proc.returncode == 1 and f"--data {latin} is not UTF-8" in line
+
+
+def test_safetensors_files_get_the_same_mode_as_the_other_files(finished):
+    modes = {p.name: p.stat().st_mode & 0o777 for p in finished.rglob("*") if p.is_file()}
+    assert modes["adapter.safetensors"] == modes["adapter_config.json"] == modes["summary.json"], modes
