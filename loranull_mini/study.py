@@ -49,7 +49,8 @@ PILOT_LRS = {"default": LORA_LRS, "pissa": (2.5e-4, 5e-4, 1e-3, 2e-3), "milora":
 # ~7 s, the cheap probes (64 passages x 64 tokens, 48 validation problems) ~21 s per checkpoint,
 # the full probe set ~130 s once at the end: ~8 min a run, 30 runs, so a study takes sittings.
 REAL_SIZES = {"wiki": 64, "wiki_tokens": 64, "nq": 48, "nq_em": 16, "mmlu": 32, "tqa": 32, "val": 48,
-              "pilot_val": 48, "test": 64, "test_acc": 16, "top_k": 256, "piqa": 64, "siqa": 64, "obqa": 64}
+              "pilot_val": 48, "test": 64, "test_acc": 16, "top_k": 256, "piqa": 64, "siqa": 64, "obqa": 64,
+              "chat": 32, "chat_tokens": 48}
 SUITES = {
     "real": dict(preset="real", methods=REAL_METHODS, seeds=(0, 1, 2), steps=32, batch_size=8, warmup=2,
                  checkpoints=(1, 2, 4, 8, 16, 32), neighbours=0, rank=8, alpha=16.0, calib_source="nq-open",
@@ -170,6 +171,15 @@ class Study:
             extensions -= 1
 
     def pilot_run(self, method: str, lr: float) -> dict:
+        """One pilot run's task losses, kept in OUT/pilot/ so that a stopped pilot resumes."""
+        path = self.out / "pilot" / f"{method}-lr{lr:g}.json"
+        done = read_json(path, missing_ok=True)
+        if done is None or done.get("definition_sha") != settings_sha(self.s):
+            write_compact(path, {"definition_sha": settings_sha(self.s), "scores": self.pilot_scores(method, lr)})
+            done = read_json(path)
+        return {k: math.inf if v is None else v for k, v in done["scores"].items()}  # a diverged run's inf
+
+    def pilot_scores(self, method: str, lr: float) -> dict:
         world = self.world()
         n = self.s["pilot"]["steps"]
         scores = {}
@@ -295,7 +305,7 @@ class Study:
             world = self.world()
             n, length = self.s["calib_samples"], self.s["calib_len"]
             if source == "chat":
-                windows = chat_windows(world["base"], world["tok"], n, length, seed)
+                windows = metrics.chat_calibration_windows(world["base"], world["tok"], n, length, seed)
             else:
                 texts = datasets.calibration_texts(source, task_rows=datasets.asdiv("train"))
                 windows = datasets.calibration_windows(world["tok"], texts, n, length, seed=seed)
@@ -319,27 +329,6 @@ def merged(model):
     copy_ = copy.deepcopy(model)
     lora.merge_lora(copy_)
     return copy_
-
-
-@torch.no_grad()
-def chat_windows(base, tok, n_samples: int, seq_len: int, seed: int, answer_tokens: int = 32) -> torch.Tensor:
-    """Chat-template calibration text: NQ-open calibration questions (shuffled by the seed) with
-    the base model's own greedy answers, as whole conversations, cut into (n_samples, seq_len) windows."""
-    import random
-    rows = datasets.nq_open("calibration")
-    random.Random(seed).shuffle(rows)
-    ids, i = [], 0
-    while len(ids) < n_samples * seq_len and i < len(rows):
-        chunk = rows[i:i + 16]
-        i += 16
-        prompts = [tok.encode_chat([{"role": "user", "content": r["question"]}]) for r in chunk]
-        answers = metrics.greedy_generate(base, tok, prompts, answer_tokens)
-        for r, a in zip(chunk, answers):
-            ids += tok.encode_chat([{"role": "user", "content": r["question"]},
-                                    {"role": "assistant", "content": a.strip()}], add_generation_prompt=False)
-    if len(ids) < n_samples * seq_len:
-        raise ValueError(f"chat calibration text has {len(ids)} tokens, {n_samples} x {seq_len} needed")
-    return torch.tensor(ids[:n_samples * seq_len]).view(n_samples, seq_len)
 
 
 def say(text: str):
