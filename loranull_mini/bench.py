@@ -6,10 +6,11 @@ all seven projections), the same calibration tokens and the same batches. Every
 measurement alternates the stacks (ours, theirs, ours, theirs, ...), is repeated
 --repeats times, and is reported as medians and the ratio ours / theirs:
 
-1. init time: LoRA-Null (covariances, the fast null basis, factors, block by block, as
-   train.py) against PEFT's CorDA knowledge-preserved init, its nearest peer (also
-   activation covariances), on the calibration windows and on --calib-scale times as many
-   (that row timed once: PEFT's CorDA alone takes minutes there);
+1. init time: LoRA-Null (covariances, the null basis, factors, block by block, as train.py;
+   the eigh basis of the default and the fast one of --null-basis fast) against PEFT's CorDA
+   knowledge-preserved init, its nearest peer (also activation covariances), on the
+   calibration windows, and with the fast basis on --calib-scale times as many (that row
+   timed once: PEFT's CorDA alone takes minutes there);
    our PiSSA against PEFT's, with the exact and the randomized SVD;
 2. training: tokens/s (real tokens, padding excluded) of forward + backward + AdamW on
    train.py's supervised batches (ASDiv questions in the chat template, loss on the answer
@@ -327,10 +328,12 @@ def calibration_batches(calib: torch.Tensor, batch: int, device) -> list:
     return [calib[i:i + batch].to(device) for i in range(0, len(calib), batch)]
 
 
-def measure_null_vs_corda(cfg, stacks, device, log, windows: torch.Tensor, repeats: int | None = None) -> dict:
-    """Our LoRA-Null (block by block: covariances, the fast null basis, factors) against PEFT's
-    CorDA-KPM (hooks on the whole model, one sequence per forward, then inverse + SVD per
-    layer), both calibrated on `windows`."""
+def measure_null_vs_corda(cfg, stacks, device, log, windows: torch.Tensor, repeats: int | None = None,
+                          basis: str = "fast") -> dict:
+    """Our LoRA-Null (block by block: covariances, the null basis of train.py --null-basis
+    `basis`, factors) against PEFT's CorDA-KPM (hooks on the whole model, one sequence per
+    forward, then inverse + SVD per layer), both calibrated on `windows`."""
+    import nullspace
     from peft import get_peft_model
     from peft.tuners.lora.corda import preprocess_corda
 
@@ -342,7 +345,7 @@ def measure_null_vs_corda(cfg, stacks, device, log, windows: torch.Tensor, repea
     def ours_init(model):
         calibration.inject_blockwise(model, batches, ALL_TARGETS, r=cfg.rank, alpha=cfg.alpha, init="null",
                                      dtype=torch.float32, keep_covariances=False,
-                                     basis=fastbasis.smallest_eigenvectors)  # train.py --null-basis fast
+                                     basis={"eigh": nullspace.null_basis, "fast": fastbasis.smallest_eigenvectors}[basis])
 
     def theirs_init(model):
         config = peft_config(cfg.rank, cfg.alpha, "corda")
@@ -353,8 +356,9 @@ def measure_null_vs_corda(cfg, stacks, device, log, windows: torch.Tensor, repea
                              lambda: timed(device, ours_init, lambda: copy.deepcopy(stacks.ours)),
                              lambda: timed(device, theirs_init, lambda: copy.deepcopy(stacks.theirs)))
     tokens = windows.numel()
-    log(f"init       {tokens} calibration tokens: LoRA-Null {fmt(ours)} s, PEFT CorDA {fmt(theirs)} s")
-    return row(f"init: LoRA-Null vs PEFT CorDA-KPM ({tokens} calib. tokens), s", "s", ours, theirs, 1 / 3)
+    log(f"init       {tokens} calibration tokens, {basis} basis: LoRA-Null {fmt(ours)} s, PEFT CorDA {fmt(theirs)} s")
+    return row(f"init: LoRA-Null ({basis} basis) vs PEFT CorDA-KPM ({tokens} calib. tokens), s", "s", ours, theirs,
+               1 / 3)
 
 
 def inject_pissa_lowrank(model, r: int, alpha: float, niter: int):
@@ -785,7 +789,8 @@ def main(argv=None) -> dict:
         stacks = load_stacks(cfg, device, workdir, log)
         rows = []
         if "init" in groups:
-            rows.append(measure_null_vs_corda(cfg, stacks, device, log, stacks.calib))
+            rows.append(measure_null_vs_corda(cfg, stacks, device, log, stacks.calib, basis="eigh"))  # the default
+            rows.append(measure_null_vs_corda(cfg, stacks, device, log, stacks.calib, basis="fast"))
             # once: PEFT's CorDA alone takes minutes there (one sequence per forward, hooks on every layer)
             rows.append(measure_null_vs_corda(cfg, stacks, device, log, stacks.calib_large, repeats=1))
         if "pissa" in groups:

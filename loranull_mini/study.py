@@ -69,17 +69,34 @@ class _PilotDone(Exception):
     """Raised from the evaluation hook to end a pilot run after its last step."""
 
 
-def run(name: str, measure, *, out: str = "", device: str = "auto", report_only: bool = False) -> dict:
+class _OutOfTime(Exception):
+    """Raised before a pilot run once the time given to the study is spent."""
+
+
+def run(name: str, measure, *, out: str = "", device: str = "auto", report_only: bool = False,
+        until: float | None = None) -> dict:
+    """Fix the settings, run every main run not yet done (none is started after time.time() passes
+    `until`), and write the report of what is there."""
     out = Path(out or f"docs/results/{name}")
     definition = jsonable({"suite": name, **SUITES[name]})
     if report_only:
         return study_report.write(out, read_json(out / "settings.json"))
-    study = Study(definition, measure, out, device)
-    settings = study.fix_settings()
+    study = Study(definition, measure, out, device, until)
+    try:
+        settings = study.fix_settings()
+    except _OutOfTime:
+        say("the time given is spent during the pilot (its finished runs are kept): run the same command again")
+        return {"runs_total": None, "runs_done": 0, "finished": False, "stopped_in": "pilot"}
     study.check_runs(settings)
-    for method, lr, seed in run_order(definition, settings):
+    order = run_order(definition, settings)
+    for method, lr, seed in order:
+        if until is not None and time.time() > until:
+            say("the time given is spent: run the same command again to go on")
+            break
         study.main_run(method, lr, seed, settings)
-    return study_report.write(out, settings)
+    done = sum(run_path(out, m, lr, seed).is_file() for m, lr, seed in order)
+    summary = study_report.write(out, settings) if done else {}
+    return {**summary, "runs_total": len(order), "runs_done": done, "finished": done == len(order)}
 
 
 def run_order(definition: dict, settings: dict) -> list[tuple[str, float, int]]:
@@ -118,8 +135,8 @@ def run_path(out: Path, method: str, lr: float, seed: int) -> Path:
 
 
 class Study:
-    def __init__(self, definition: dict, measure, out: Path, device: str):
-        self.s, self.m, self.out = definition, measure, out
+    def __init__(self, definition: dict, measure, out: Path, device: str, until: float | None = None):
+        self.s, self.m, self.out, self.until = definition, measure, out, until
         self.device, self.autocast = pick_device(device)
         self.shared, self.covariances, self.inits = None, {}, {}
 
@@ -175,6 +192,8 @@ class Study:
         path = self.out / "pilot" / f"{method}-lr{lr:g}.json"
         done = read_json(path, missing_ok=True)
         if done is None or done.get("definition_sha") != settings_sha(self.s):
+            if self.until is not None and time.time() > self.until:
+                raise _OutOfTime
             write_compact(path, {"definition_sha": settings_sha(self.s), "scores": self.pilot_scores(method, lr)})
             done = read_json(path)
         return {k: math.inf if v is None else v for k, v in done["scores"].items()}  # a diverged run's inf

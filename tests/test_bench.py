@@ -98,7 +98,7 @@ def test_bench_runs_both_stacks_end_to_end_on_a_tiny_checkpoint(tmp_path):
                          "--json", str(tmp_path / "bench.json")])
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(result))
     rows = {r["name"].split(",")[0].split(" (")[0]: r for r in result["rows"]}
-    assert len(result["rows"]) == 11
+    assert len(result["rows"]) == 12
     assert result["environment"]["max_abs_logit_difference"] < 1e-4  # the same weights in both stacks
     train = rows["train: tokens/s"]
     assert train["first_loss"]["ours"] == pytest.approx(train["first_loss"]["theirs"], rel=1e-5)
@@ -106,9 +106,10 @@ def test_bench_runs_both_stacks_end_to_end_on_a_tiny_checkpoint(tmp_path):
     padding = rows["train: padding-free rows vs padded"]["padding_fraction"]
     assert padding["packed"] <= padding["padded"]  # rows of 16 tokens: little room to pack
     init_rows = [r for r in result["rows"] if r["name"].startswith("init: LoRA-Null")]
-    assert [f"({4 * 80} calib. tokens)" in r["name"] for r in init_rows] == [True, False]  # default, then 4x
+    assert [f"({4 * 80} calib. tokens)" in r["name"] for r in init_rows] == [True, True, False]  # then 4x
+    assert ["eigh basis" in r["name"] for r in init_rows] == [True, False, False]  # the default basis, then fast
     for r in result["rows"]:
-        once = "memory" in r["name"] or r is init_rows[1]  # the 4x-calibration row is timed once
+        once = "memory" in r["name"] or r is init_rows[2]  # the 4x-calibration row is timed once
         assert len(r["ours_all"]) == len(r["theirs_all"]) == (1 if once else 3)
         assert r["ours"] > 0 and r["theirs"] > 0
 
@@ -123,7 +124,7 @@ def test_bench_quick_runs_on_smollm2_and_prints_every_row(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["config"]["quick"] and result["config"]["repeats"] == 1
-    assert len(result["rows"]) == 11
+    assert len(result["rows"]) == 12
     assert "| measurement | ours | theirs | ratio ours/theirs | target | met |" in out.stdout
     for r in result["rows"]:
         line = next((l for l in out.stdout.splitlines() if l.startswith(f"| {r['name']} |")), None)
