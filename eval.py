@@ -7,6 +7,7 @@
     python eval.py --suite real-long                  # the same study for a GPU: 1 epoch, 5 seeds, 3 lrs per method
     python eval.py --suite real --quick               # the earlier small grid study (real-quick)
     python eval.py --suite real-calibration           # LoRA-Null v2 calibrated on Wikipedia / the task
+    python eval.py --suite gpu                        # all a GPU is for (loranull_mini/gpu_run.py)
 
 Retention ("forgetting"), always on data that neither calibration nor training saw, and
 paired item by item with the base model, so the base model scores exactly 0:
@@ -44,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loranull_mini import adapter_io, metrics, study, suite  # first: the package sets the thread policy before torch
+from loranull_mini import adapter_io, gpu_run, metrics, study, suite  # first: the package sets the thread policy before torch
 import torch
 
 import train
@@ -236,8 +237,8 @@ def evaluate_adapter(model_path: str, adapter: str, device: str = "auto", quick:
     base, tok = load_model(model_path or None, require_tokenizer=True)
     tuned = copy.deepcopy(base)
     adapter_io.load_adapter(tuned, adapter)             # an adapter of another base: before anything is evaluated
-    base.to(device).eval()
-    tuned.to(device).eval()
+    for m in (base, tuned):
+        m.to(device).eval()
     sizes = {**SIZES, **(suite.QUICK_SIZES if quick else {})}
     probes = prepare_real(tok, sizes)
     ref = reference(base, tok, probes, sizes["top_k"])
@@ -248,7 +249,7 @@ def evaluate_adapter(model_path: str, adapter: str, device: str = "auto", quick:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=["toy", "real", "real-long", "real-calibration"],
+    parser.add_argument("--suite", choices=["toy", "real", "real-long", "real-calibration", "gpu"],
                         help="run a whole comparison (loranull_mini/suite.py)")
     parser.add_argument("--quick", action="store_true", help="the small version of the suite or of the evaluation sets")
     parser.add_argument("--adapter", default="", help="adapter directory (train.py's OUT/adapter) to evaluate")
@@ -258,6 +259,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--workers", type=int, default=1, help="suite: training runs in parallel processes")
     parser.add_argument("--report-only", action="store_true", help="suite: rebuild the report from finished runs")
+    parser.add_argument("--budget-s", type=float, default=660.0, help="suite gpu: seconds for all of it")
     args = parser.parse_args(argv)
     if not args.suite and not args.adapter:
         parser.error("give --suite toy|real or --adapter DIR")
@@ -273,6 +275,8 @@ def main(argv=None):
         measure = suite.Measures(prepare_real=prepare_real, prepare_toy=prepare_toy, reference=reference,
                                  evaluate=evaluate, load_model_and_data=train.load_model_and_data,
                                  finetune=train.finetune, TrainConfig=train.TrainConfig, sizes=SIZES)
+        if args.suite == "gpu":   # all a GPU is for (loranull_mini/gpu_run.py); --quick: its plumbing on the CPU
+            return gpu_run.run(measure, Path(args.out or "docs/results/gpu"), args.budget_s, args.quick, args.device)
         if args.suite in study.SUITES and not args.quick:
             return study.run(args.suite, measure, out=args.out, device=args.device, report_only=args.report_only)
         return suite.run(args.suite, args.quick, measure, out=args.out, device=args.device,

@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     if proc != 0:
         dist.barrier()
     model, tok, data = load_model_and_data(cfg, log)
-    check_data(cfg, data, log)
+    datasets.check_training_set(data.train, cfg.batch_size * cfg.grad_accum, cfg.max_len, log)
     if world > 1 and proc == 0:
         dist.barrier()
     model.to(device)
@@ -423,8 +423,6 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
                          f"pre-trained weight it moved into the adapter; use --weight-decay 0 with this init")
     if cfg.data and not Path(cfg.data).is_file():
         raise FileNotFoundError(f"--data file not found: {cfg.data}")
-    if cfg.data:
-        datasets.load_task_file(Path(cfg.data))     # readable, UTF-8, rows with question and answer
     if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise NotADirectoryError(f"--out {cfg.out} is not a directory (it is a file): choose another --out")
     if cfg.calib_source not in ("nq-open", "wiki", "task", "chat") and not Path(cfg.calib_source).is_file():
@@ -437,24 +435,9 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
                          "and --calib-len")
     if cfg.model and not Path(cfg.model).exists():
         raise FileNotFoundError(f"--model not found: {cfg.model}")
+    if cfg.data:
+        datasets.load_task_file(Path(cfg.data))     # readable, UTF-8, rows with question and answer
     return cfg
-
-
-def check_data(cfg: TrainConfig, data, log=print):
-    """The loaded training set against the options: a global batch it can fill, and sequences
-    that --max-len keeps most of the prompt of (collate keeps a long sequence's end)."""
-    batch = cfg.batch_size * cfg.grad_accum
-    if len(data.train) < batch:
-        raise ValueError(f"{len(data.train)} training examples, fewer than one global batch of {batch} "
-                         f"(--batch-size x --grad-accum): lower --batch-size")
-    cut = [e for e in data.train if len(e.ids) > cfg.max_len + 1]
-    if any(len(e.ids) - cfg.max_len - 1 > e.n_prompt / 2 for e in cut):
-        longest = max(len(e.ids) for e in cut)
-        raise ValueError(f"--max-len {cfg.max_len} cuts more than half the prompt from some training examples (the "
-                         f"longest has {longest} tokens), which would train on answers without their questions: "
-                         f"raise --max-len")
-    if cut:
-        log(f"note       --max-len {cfg.max_len} cuts the start of {len(cut)} of {len(data.train)} training examples")
 
 
 @dataclass

@@ -377,3 +377,18 @@ def batch_order(n_examples: int, batch_size: int, step: int, seed: int) -> list[
         take = min(batch_size - len(out), n_examples - pos)
         out += perm[pos:pos + take].tolist()
     return out
+
+
+def check_training_set(train: list[Example], batch: int, max_len: int, log=print):
+    """A training set against train.py's options: a global batch of `batch` it can fill, and
+    sequences that --max-len keeps most of the prompt of (collate keeps a long sequence's end)."""
+    if len(train) < batch:
+        raise ValueError(f"{len(train)} training examples, fewer than one global batch of {batch} "
+                         f"(--batch-size x --grad-accum): lower --batch-size")
+    cut = [e for e in train if len(e.ids) > max_len + 1]
+    if any(len(e.ids) - max_len - 1 > e.n_prompt / 2 for e in cut):
+        raise ValueError(f"--max-len {max_len} cuts more than half the prompt from some training examples (the "
+                         f"longest has {max(len(e.ids) for e in cut)} tokens), which would train on answers without "
+                         f"their questions: raise --max-len")
+    if cut:
+        log(f"note       --max-len {max_len} cuts the start of {len(cut)} of {len(train)} training examples")

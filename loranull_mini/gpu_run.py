@@ -1,4 +1,4 @@
-"""Everything the project needs a GPU for, in one script: python -m loranull_mini.gpu_run
+"""Everything the project needs a GPU for, in one command: python eval.py --suite gpu
 
 On one CUDA GPU (bfloat16 autocast), within --budget-s seconds (default 660: a 12-minute slot):
 1. shape7b: calibration + LoRA-Null init (train.py's block-by-block path, the fast basis that
@@ -14,12 +14,13 @@ OUT/gpu.json (default docs/results/gpu) holds the environment and each part's nu
 OUT/README.md renders them.
 
 The asset cache (the SmolLM2 GGUF is 98 MB) is more than one device call carries (~60 MB):
-    python -m loranull_mini.gpu_run --pack-cache gpu-carry      # here: parts of <= 48 MB + manifest
-    (device) python -m loranull_mini.gpu_run --unpack-cache gpu-carry --cache .cache-gpu ...
+    python -m loranull_mini.gpu_run --pack-cache gpu-carry       # here: parts of <= 48 MB + manifest
+    (device) LORANULL_MINI_CACHE=.cache-gpu python -m loranull_mini.gpu_run --unpack-cache gpu-carry
+    (device) LORANULL_MINI_CACHE=.cache-gpu python eval.py --suite gpu --budget-s 600
 --unpack-cache verifies every part and the whole before it extracts, and may be given the parts
 over two calls (it waits for all of them: nothing is extracted from half a cache).
 
---tiny: the same plumbing on the CPU at toy size (tests/test_gpu_run.py).
+--quick: the same plumbing on the CPU at toy size (tests/test_gpu_run.py).
 """
 from __future__ import annotations
 
@@ -145,14 +146,12 @@ def shape7b(shape: dict, device, dtype, windows: int, length: int, rank: int = 1
 
 
 # ----------------------------------------------------------------------------- 3. the study
-def study_part(name: str, out: Path, device: str, until: float, tiny: bool) -> dict:
-    import eval as ev
-    import train
-    from loranull_mini import study, suite
-    load = tiny_model_and_data if tiny else train.load_model_and_data
-    measure = suite.Measures(prepare_real=ev.prepare_real, prepare_toy=ev.prepare_toy, reference=ev.reference,
-                             evaluate=ev.evaluate, load_model_and_data=load, finetune=train.finetune,
-                             TrainConfig=train.TrainConfig, sizes=ev.SIZES)
+def study_part(name: str, measure, out: Path, device: str, until: float, tiny: bool) -> dict:
+    import dataclasses
+
+    from loranull_mini import study
+    if tiny:
+        measure = dataclasses.replace(measure, load_model_and_data=tiny_model_and_data)
     if tiny:
         study.SUITES[name] = TINY_STUDY
     t = time.time()
@@ -169,7 +168,8 @@ def study_part(name: str, out: Path, device: str, until: float, tiny: bool) -> d
 
 def tiny_model_and_data(cfg, log=print):
     """SmolLM2's tokenizer and the real data with a toy-shaped random model (the plumbing test)."""
-    import train
+    from types import SimpleNamespace
+
     from loranull_mini import data as datasets
     from loranull_mini.checkpoint import load_model
     from model import ModelConfig, Transformer
@@ -179,16 +179,18 @@ def tiny_model_and_data(cfg, log=print):
     rows = datasets.asdiv("train")[:32]
     windows = datasets.calibration_windows(tok, datasets.calibration_texts(cfg.calib_source), cfg.calib_samples,
                                            cfg.calib_len)
-    return model.eval(), tok, train.Data([datasets.encode_qa(tok, r["question"], r["answer"]) for r in rows], [],
-                                         windows)
+    train = [datasets.encode_qa(tok, r["question"], r["answer"]) for r in rows]
+    return model.eval(), tok, SimpleNamespace(train=train, heldout=[], calibration=windows, calibration_mask=None)
 
 
 # ----------------------------------------------------------------------------- all of it
-def run(out: Path, budget_s: float, tiny: bool, device_name: str) -> dict:
+def run(measure, out: Path, budget_s: float, tiny: bool, device_name: str) -> dict:
+    """Every part, in order, within budget_s; `measure` is eval.py's (suite.Measures)."""
     from loranull_mini.devices import pick_device
     from loranull_mini.files import write_json, write_text
     start = time.time()
     until = start + budget_s
+    device_name = "cpu" if tiny else device_name
     device, _ = pick_device(device_name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
@@ -203,7 +205,7 @@ def run(out: Path, budget_s: float, tiny: bool, device_name: str) -> dict:
     else:
         from loranull_mini import bench
         parts["bench"] = attempt(lambda: bench.main(["--device", device.type, "--json", str(out / "bench.json")]))
-    parts["study"] = attempt(lambda: study_part("real-long-tiny" if tiny else "real-long",
+    parts["study"] = attempt(lambda: study_part("real-long-tiny" if tiny else "real-long", measure,
                                                 out / "real-long-tiny" if tiny else Path("docs/results/real-long"),
                                                 device_name, until, tiny))
     result = {"environment": env, "parts": parts, "seconds": time.time() - start}
@@ -229,7 +231,7 @@ def attempt(part) -> dict:
 def render(result: dict) -> str:
     env, parts = result["environment"], result["parts"]
     lines = [f"# GPU run: {env['device']}, torch {env['torch']}, {env['date']}", "",
-             f"`python -m loranull_mini.gpu_run{' --tiny' if env['tiny'] else ''}`, budget {env['budget_s']:.0f} s, "
+             f"`python eval.py --suite gpu{' --quick' if env['tiny'] else ''}`, budget {env['budget_s']:.0f} s, "
              f"{result['seconds']:.0f} s in all.", ""]
     s = parts["shape7b"]
     lines.append("## 7B-shaped calibration + LoRA-Null init against PEFT CorDA-KPM")
@@ -260,28 +262,17 @@ def render(result: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("docs/results/gpu"), help="where gpu.json and README.md go")
-    p.add_argument("--budget-s", type=float, default=660.0, help="seconds for all of it (the study stops in time)")
-    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N (cpu with --tiny)")
-    p.add_argument("--tiny", action="store_true", help="the plumbing at toy size, on the CPU")
-    p.add_argument("--pack-cache", type=Path, metavar="DIR", help="write the asset cache as parts to DIR and stop")
-    p.add_argument("--unpack-cache", type=Path, metavar="DIR", help="extract packed parts from DIR first")
-    p.add_argument("--cache", type=Path, help="the asset cache to use ($LORANULL_MINI_CACHE)")
+    """--pack-cache / --unpack-cache; the run itself: python eval.py --suite gpu [--quick]."""
+    p = argparse.ArgumentParser(description="the asset cache in parts for a device machine")
+    p.add_argument("--pack-cache", type=Path, metavar="DIR", help="write the asset cache as parts to DIR")
+    p.add_argument("--unpack-cache", type=Path, metavar="DIR", help="extract the packed parts in DIR")
     args = p.parse_args(argv)
     from loranull_mini import assets
-    if args.cache:
-        os.environ["LORANULL_MINI_CACHE"] = str(args.cache.resolve())
     if args.pack_cache:
         m = pack_cache(assets.cache_dir(), args.pack_cache)
         print(f"wrote {len(m['parts'])} parts ({m['bytes'] / 2 ** 20:.0f} MB) to {args.pack_cache}")
-        return m
     if args.unpack_cache:
-        message = unpack_cache(args.unpack_cache, assets.cache_dir())
-        print(message)
-        if message.startswith("waiting"):
-            return None
-    return run(args.out, args.budget_s, args.tiny, args.device if not args.tiny else "cpu")
+        print(unpack_cache(args.unpack_cache, assets.cache_dir()))
 
 
 if __name__ == "__main__":

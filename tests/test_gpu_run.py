@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import eval as ev
 from loranull_mini import gpu_run
 
 
@@ -31,7 +32,7 @@ def test_the_cache_packs_into_verified_parts_and_unpacks_only_when_all_are_there
 
 def test_the_gpu_script_at_tiny_size_writes_the_files_its_readme_section_reads(tmp_path):
     out = tmp_path / "gpu"
-    result = gpu_run.main(["--tiny", "--out", str(out), "--budget-s", "600"])
+    result = ev.main(["--suite", "gpu", "--quick", "--out", str(out), "--budget-s", "600"])
     saved = json.loads((out / "gpu.json").read_text())
     assert saved["parts"].keys() == {"shape7b", "bench", "study"}
     s = saved["parts"]["shape7b"]
@@ -45,5 +46,5 @@ def test_the_gpu_script_at_tiny_size_writes_the_files_its_readme_section_reads(t
         assert heading in readme
     assert result["parts"]["bench"]["skipped"].startswith("--tiny")
     # a budget already spent starts no run: the study stops in time and says how to go on
-    again = gpu_run.main(["--tiny", "--out", str(tmp_path / "late"), "--budget-s", "0"])
+    again = ev.main(["--suite", "gpu", "--quick", "--out", str(tmp_path / "late"), "--budget-s", "0"])
     assert again["parts"]["study"]["runs_done"] == 0 and not again["parts"]["study"]["finished"]

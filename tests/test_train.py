@@ -106,8 +106,8 @@ def test_resume_refuses_changed_settings_and_fresh_run_refuses_to_overwrite(tmp_
     run(tmp_path, "--init", "vanilla")
     with pytest.raises(ValueError, match="differ"):
         run(tmp_path, "--init", "vanilla", "--rank", "4", "--resume")
-    with pytest.raises(ValueError, match="calib_len"):
-        run(tmp_path, "--init", "vanilla", "--calib-len", "64", "--resume")
+    with pytest.raises(ValueError, match="alpha"):
+        run(tmp_path, "--init", "vanilla", "--alpha", "4", "--resume")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run(tmp_path, "--init", "vanilla", "--resume", name="never-ran")
     with pytest.raises(FileExistsError, match="--resume"):
