@@ -565,16 +565,17 @@ def load_model(path=None, *, device="cpu", dtype=torch.float32, require_tokenize
     """(Transformer in eval mode, Tokenizer or None) from a checkpoint; None = SmolLM2 GGUF.
 
     require_tokenizer: a checkpoint without a tokenizer we can read is an error that lists
-    the files searched, instead of giving None.
+    the files searched, instead of giving None. The config and weights are read first, so a
+    foreign architecture or a broken config.json is reported as such, not as a missing tokenizer.
     """
     path = assets.fetch("smollm2-135m-instruct") if path is None else path
     if checkpoint_format(path) == "gguf":  # parse the file once for weights and vocabulary
         reader = open_gguf(path)
-        tokenizer = gguf_tokenizer(reader, required=require_tokenizer)
         config, state_dict = read_gguf(reader)
+        tokenizer = gguf_tokenizer(reader, required=require_tokenizer)
     else:
-        tokenizer = load_tokenizer(path, required=require_tokenizer)
         config, state_dict = read_checkpoint(path)
+        tokenizer = load_tokenizer(path, required=require_tokenizer)
     if tokenizer is not None and tokenizer.n_vocab > config.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer ({tokenizer.name}) has {tokenizer.n_vocab} ids "
                               f"but the model's embedding only {config.vocab_size} rows")
@@ -616,7 +617,7 @@ def load_tokenizer(path, *, required=False):
 
 def _required(tokenizer, required: bool, path, searched: list[str]):
     if tokenizer is None and required:
-        raise CheckpointError(f"{path}: no tokenizer found; searched:\n  " + "\n  ".join(searched))
+        raise CheckpointError(f"{path}: no tokenizer found; searched " + "; ".join(searched))
     return tokenizer
 
 

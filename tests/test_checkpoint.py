@@ -615,21 +615,36 @@ def test_sentencepiece_tokenizer_model_gives_no_tokenizer(hf_dir):
     assert tokenizer is None
 
 
-def test_required_tokenizer_that_is_not_there_is_an_error_listing_the_files_searched(hf_dir):
+def test_required_tokenizer_that_is_not_there_is_one_line_listing_the_files_searched(hf_dir):
     (hf_dir / "tokenizer.model").write_bytes(b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")
     with pytest.raises(CheckpointError) as info:
         load_model(hf_dir, require_tokenizer=True)
-    assert str(info.value).splitlines() == [
-        f"{hf_dir}: no tokenizer found; searched:",
-        f"  {hf_dir / 'tokenizer.json'} (absent)",
-        f"  {hf_dir / 'tokenizer.model'} (not a tiktoken BPE file: SentencePiece is not supported)",
-        f"  {hf_dir / 'original' / 'tokenizer.model'} (absent)"]
+    assert str(info.value) == (
+        f"{hf_dir}: no tokenizer found; searched {hf_dir / 'tokenizer.json'} (absent); "
+        f"{hf_dir / 'tokenizer.model'} (not a tiktoken BPE file: SentencePiece is not supported); "
+        f"{hf_dir / 'original' / 'tokenizer.model'} (absent)")
 
 
 def test_required_tokenizer_of_a_gguf_without_vocabulary_is_an_error(tmp_path):
     path = write_gguf(random_model(), tmp_path / "tiny.gguf")
-    with raises_naming(path, "no tokenizer found; searched:\n  .*tiny.gguf .no tokenizer.ggml.tokens"):
+    with raises_naming(path, "no tokenizer found; searched .*tiny.gguf .no tokenizer.ggml.tokens"):
         load_model(path, require_tokenizer=True)
+
+
+def test_a_foreign_architecture_or_broken_config_is_named_before_the_missing_tokenizer(tmp_path, hf_dir):
+    """Neither has a tokenizer either: the one-line message must be about the real problem."""
+    gguf_path = write_gguf(random_model(), tmp_path / "gpt2.gguf", arch="gpt2")
+    config = json.loads((hf_dir / "config.json").read_text())
+    foreign = tmp_path / "foreign"
+    shutil.copytree(hf_dir, foreign)
+    (foreign / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    (hf_dir / "config.json").write_text("{broken")
+    for path, problem in ((gguf_path, "GGUF architecture 'gpt2' is not supported"),
+                          (foreign, "model_type 'gpt2' is not supported"),
+                          (hf_dir, "config.json as JSON (damaged?)")):
+        with pytest.raises(CheckpointError) as info:
+            load_model(path, require_tokenizer=True)
+        assert problem in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
 # byte-level BPE of three tokens: 'a', 'b' and their merge 'ab'

@@ -589,6 +589,17 @@ def test_out_naming_a_file_and_non_utf8_inputs_are_named_in_one_line(tmp_path):
     assert proc.returncode == 1 and f"--data {latin} is not UTF-8" in line
 
 
+def test_a_foreign_architecture_is_one_line_about_the_architecture(tmp_path):
+    """Not a search for a tokenizer the file was never going to have."""
+    from tests.conftest import random_model
+    from tests.test_checkpoint import write_gguf
+    path = write_gguf(random_model(), tmp_path / "gpt2.gguf", arch="gpt2")
+    proc = script("train.py", "--steps", "1", "--model", str(path), "--out", str(tmp_path / "run"))
+    line = last_line_is_the_error(proc)
+    assert proc.returncode == 1 and line == f"error: {path}: GGUF architecture 'gpt2' is not supported (only 'llama')"
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
 def test_safetensors_files_get_the_same_mode_as_the_other_files(finished):
     modes = {p.name: p.stat().st_mode & 0o777 for p in finished.rglob("*") if p.is_file()}
     assert modes["adapter.safetensors"] == modes["adapter_config.json"] == modes["summary.json"], modes
