@@ -242,7 +242,8 @@ def finetune(cfg: TrainConfig, model, layers, optimizer, data, pad_id: int, cova
             group["lr"] = lr
         loss, n_real = train_step(ddp_model, data.train, step, cfg, pad_id, device, autocast_dtype, proc, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        guard.step_went_well(loss, grad_norm, step + 1, cfg.lr, model, optimizer, metrics)
+        guard.step_went_well(loss, grad_norm, step + 1, cfg.lr)
+        guard.write_due(model, optimizer, metrics)   # the last step's checkpoint: its weights just proved good
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         guard.weights_finite(params, step + 1, lr)

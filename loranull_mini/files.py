@@ -119,8 +119,7 @@ def remove_stale_temporaries(directory) -> list[Path]:
 
 
 def process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+    """Whether a process `pid` exists (signal 0 checks without sending; another user's is alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

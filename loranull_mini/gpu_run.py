@@ -203,8 +203,7 @@ def run(measure, out: Path, budget_s: float, tiny: bool, device_name: str) -> di
     if tiny:
         parts["bench"] = {"skipped": "--tiny (tests/test_bench.py runs the bench at tiny size)"}
     else:
-        from loranull_mini import bench
-        parts["bench"] = attempt(lambda: bench.main(["--device", device.type, "--json", str(out / "bench.json")]))
+        parts["bench"] = attempt(lambda: bench_part(device, out / "bench.json"))
     parts["study"] = attempt(lambda: study_part("real-long-tiny" if tiny else "real-long", measure,
                                                 out / "real-long-tiny" if tiny else Path("docs/results/real-long"),
                                                 device_name, until, tiny))
@@ -223,9 +222,14 @@ def attempt(part) -> dict:
         return {"skipped": f"{type(e).__name__}: {e}", "seconds": time.time() - t}
     except Exception as e:      # one part failing must not lose the others' numbers
         return {"failed": f"{type(e).__name__}: {e}", "seconds": time.time() - t}
-    if isinstance(value, dict) and "rows" in value:      # the bench: keep its table rows
-        value = {"rows": [{k: r[k] for k in ("name", "ours", "theirs", "ratio", "target", "met")} for r in value["rows"]]}
     return {**value, "seconds": time.time() - t}
+
+
+def bench_part(device, json_path: Path) -> dict:
+    """The bench on `device` (its full output in json_path); the table's columns of each row."""
+    from loranull_mini import bench
+    rows = bench.main(["--device", device.type, "--json", str(json_path)])["rows"]
+    return {"rows": [{k: r[k] for k in ("name", "ours", "theirs", "ratio", "target", "met")} for r in rows]}
 
 
 def render(result: dict) -> str:

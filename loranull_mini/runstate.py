@@ -214,14 +214,17 @@ class Guard:
     def stop(self, what: str, advice: str):
         raise FloatingPointError(f"{what}; {good_checkpoint(self.out)}: {advice}")
 
-    def step_went_well(self, loss, grad_norm, step: int, lr: float, model, optimizer, metrics: list):
-        """After backward: a finite loss and a nonzero gradient, so a checkpoint due is good and written now."""
+    def step_went_well(self, loss, grad_norm, step: int, lr: float):
+        """After backward: a finite loss and a nonzero gradient, else the run stops."""
         if not torch.isfinite(loss):
             self.stop(f"loss is {loss.item()} at step {step}", "lower --lr and --resume")
         if float(grad_norm) == 0:
             self.stop(f"the gradient is exactly zero at step {step} (loss {loss.item():.4f}): the model's outputs "
                       f"no longer depend on the adapter (its activations overflowed at lr {lr:g})",
                       "lower --lr (and --resume, or start afresh)")
+
+    def write_due(self, model, optimizer, metrics: list):
+        """The checkpoint deferred from the last step, now that its weights gave a finite loss and gradient."""
         if self.due is not None:
             save_state(self.out, *self.due, model, optimizer, self.config, metrics, self.start, self.proc)
             self.due = None
