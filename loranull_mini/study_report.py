@@ -137,13 +137,7 @@ def markdown(settings: dict, s: dict) -> str:
     if s["statements"]:
         parts += ["", "## Statements (difference of matched costs, Holm-corrected over this list)", ""]
         parts += [f"- {st['claim']}: **{st['verdict']}** ({ci(st)})" for st in s["statements"]]
-    keys = sorted({k for r in s["methods"].values() for k in r["end"]})
-    parts += ["", "## End of each run (mean ± sd over seeds)", "",
-              "| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys),
-              "| base model | " + " | ".join(fmt(s["base"].get(k)) for k in keys) + " |"]
-    for m, r in s["methods"].items():
-        parts.append(f"| {LABELS.get(m, m)} | " + " | ".join(
-            "–" if k not in r["end"] else f"{fmt(r['end'][k][0])} ± {fmt(r['end'][k][1])}" for k in keys) + " |")
+    parts += ["", "## End of each run (mean ± sd over seeds)"] + end_tables(s)
     parts += ["", "## Pilot (loss on the pilot's validation items; chosen in bold)", ""]
     for m, grid in s["pilot"].items():
         cells = [(f"**{lr}: {v['pilot_loss']:.3f}**" if float(lr) == s["chosen"][m] else f"{lr}: {v['pilot_loss']:.3f}")
@@ -159,6 +153,41 @@ def markdown(settings: dict, s: dict) -> str:
                                                               "end_probes", "total")) + " |")
     parts += ["", f"{s['n_runs']} runs, {s['run_seconds'] / 60:.1f} min; pilot {s['pilot_seconds'] / 60:.1f} min."]
     return "\n".join(parts) + "\n"
+
+
+END_TABLES = [  # (title, [(score, column)]): the end-of-run probes, a table per question
+    ("Task, ASDiv: what was learnt (answer tokens that are digits against the others, the format)",
+     [("val_loss", "val loss"), ("test_loss", "test loss"), ("test_digit_loss", "digit tokens"),
+      ("test_other_loss", "other tokens"), ("test_acc", "greedy acc"), ("asdiv_numeric_acc", "gold number chosen")]),
+    ("Knowledge kept: held-out Wikipedia and the base model's own chat answers (per-token KL(base || tuned))",
+     [("kl", "Wikipedia KL"), ("ppl_change", "Wikipedia ppl change"), ("chat_kl", "chat KL")]),
+    ("Standard benchmarks, scored as lm-eval-harness does (KL: of each item's option distribution)",
+     [(f"{b}_{k}", f"{b.upper()} {k.replace('kl', 'KL')}") for b in ("piqa", "siqa", "obqa")
+      for k in ("acc", "acc_norm", "kl")]),
+    ("Closed-book knowledge: the gold option against others (NQ-open plain and chat-template, MMLU, TruthfulQA)",
+     [(f"{c}_{k}", f"{name} {k.replace('kl', 'KL')}") for c, name in
+      (("nq_plain", "NQ plain"), ("nq_chat", "NQ chat"), ("mmlu", "MMLU"), ("tqa", "TruthfulQA"))
+      for k in ("acc", "kl")] + [("em", "NQ exact match")]),
+]
+
+
+def end_tables(s: dict) -> list[str]:
+    """END_TABLES, base model first; a score in none of them goes to a last table, so none is lost."""
+    present = {k for r in s["methods"].values() for k in r["end"]}
+    listed = {k for _, cols in END_TABLES for k, _ in cols}
+    rest = [(k, k) for k in sorted(present - listed)]
+    lines = []
+    for title, cols in END_TABLES + [("Other scores", rest)]:
+        cols = [(k, name) for k, name in cols if k in present]
+        if not cols:
+            continue
+        lines += ["", f"{title}:", "", "| method | " + " | ".join(name for _, name in cols) + " |",
+                  "|---|" + "---|" * len(cols),
+                  "| base model | " + " | ".join(fmt(s["base"].get(k)) for k, _ in cols) + " |"]
+        for m, r in s["methods"].items():
+            lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(
+                "–" if k not in r["end"] else f"{fmt(r['end'][k][0])} ± {fmt(r['end'][k][1])}" for k, _ in cols) + " |")
+    return lines
 
 
 def fmt(x) -> str:

@@ -160,5 +160,16 @@ def test_report_only_on_the_committed_tiny_study_reproduces_its_committed_tables
         assert (out / name).read_bytes() == (COMMITTED / name).read_bytes(), name
 
 
+def test_the_end_of_run_tables_show_every_score_once_under_its_question():
+    listed = [k for _, cols in study_report.END_TABLES for k, _ in cols]
+    scores = {k: [1.0, 0.5] for k in listed[::3] + ["a_new_score"]}
+    s = {"base": {k: 0.0 for k in scores}, "methods": {"lora": {"end": scores}, "null-v2": {"end": {}}}}
+    lines = study_report.end_tables(s)
+    headers = [c.strip() for line in lines if line.startswith("| method |") for c in line.split("|")[2:-1]]
+    names = dict(kv for _, cols in study_report.END_TABLES for kv in cols)
+    assert sorted(headers) == sorted(names.get(k, k) for k in scores)        # each score once, none lost
+    assert "Other scores:" in lines and "| LoRA-Null v2 | " + " | ".join(["–"] * 1) + " |" in lines
+
+
 def test_toy_suite_is_still_the_grid_study():
     assert "toy" in suite.SUITES and "toy" not in study.SUITES
