@@ -128,6 +128,7 @@ def markdown(settings: dict, s: dict) -> str:
              f"the pilot before any main run. Retention cost: per-token KL(base || tuned) on held-out Wikipedia, "
              f"interpolated between two measured checkpoints of the same seed. Interval: 95%, the wider of the "
              f"t-interval over seeds (n-1 df) and a two-level bootstrap (seeds, then items).", "",
+             "## In short", "", *headline(s, d["sizes"]), "",
              "## Retention cost at the target task loss", "",
              "| method | lr | cost at the target | seeds measured near it | per seed |", "|---|---|---|---|---|"]
     for m, r in s["methods"].items():
@@ -169,6 +170,24 @@ END_TABLES = [  # (title, [(score, column)]): the end-of-run probes, a table per
       (("nq_plain", "NQ plain"), ("nq_chat", "NQ chat"), ("mmlu", "MMLU"), ("tqa", "TruthfulQA"))
       for k in ("acc", "kl")] + [("em", "NQ exact match")]),
 ]
+
+
+def headline(s: dict, sizes: dict) -> list[str]:
+    """One row per method: the matched cost with its interval, then the end probes a reader asks
+    for first (mean over seeds); the README quotes these lines as they are."""
+    def end(r, key, digits=3):
+        return f"{r['end'][key][0]:.{digits}f}" if key in r["end"] else "–"
+    lines = ["| method | seeds | Wikipedia KL at the target [95% CI] | PIQA / SIQA / OBQA acc_norm | chat KL "
+             "| ASDiv test loss: digits / other |", "|---|---|---|---|---|---|"]
+    rows = [("base model", "", "–", {"end": {k: [v] for k, v in s["base"].items() if v is not None}})]
+    rows += [(LABELS.get(m, m), str(len(r["seeds"])), ci(r["matched"]), r) for m, r in s["methods"].items()]
+    for label, seeds, cost, r in rows:
+        lines.append(f"| {label} | {seeds} | {cost} | {end(r, 'piqa_acc_norm')} / {end(r, 'siqa_acc_norm')} / "
+                     f"{end(r, 'obqa_acc_norm')} | {end(r, 'chat_kl')} | {end(r, 'test_digit_loss', 2)} / "
+                     f"{end(r, 'test_other_loss', 2)} |")
+    n = {k: sizes.get(k, "?") for k in ("wiki", "wiki_tokens", "piqa", "chat", "test")}
+    return lines + ["", f"Wikipedia: {n['wiki']} passages of {n['wiki_tokens']} tokens; benchmarks: {n['piqa']} items "
+                        f"each; chat: the base model's answers to {n['chat']} questions; ASDiv test: {n['test']} problems."]
 
 
 def end_tables(s: dict) -> list[str]:
