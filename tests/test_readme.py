@@ -28,3 +28,15 @@ def test_the_methods_table_lists_every_init():
     table = README[README.index("## The methods"):README.index("## Where this implementation")]
     rows = re.findall(r"^\| `([a-z]+)[` ]", table, flags=re.M)
     assert set(rows) == set(nullspace.INITS), (rows, list(nullspace.INITS))
+
+
+def test_the_real_study_table_is_the_committed_reports_own():
+    """The README's SmolLM2 table is quoted from docs/results/real/results.md, line for line,
+    with the run count that report states."""
+    report = (ROOT / "docs" / "results" / "real" / "results.md").read_text(encoding="utf-8")
+    head = "| method | seeds | Wikipedia KL at the target"
+    rows = README[README.index(head):].split("\n\n")[0].splitlines()
+    theirs = report[report.index(head):].split("\n\n")[0].splitlines()
+    assert len(rows) > 3 and rows == theirs
+    runs = re.search(r"^(\d+) runs, ", report, flags=re.M).group(1)
+    assert f"{runs} of its 30 runs" in README
