@@ -17,6 +17,7 @@ ignored) before any split, so no question text is in two splits.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -320,24 +321,27 @@ def collate(examples: list[Example], pad_id: int, max_len: int | None = None) ->
 
 
 def pack(examples: list[Example], pad_id: int, max_len: int | None = None) -> dict[str, torch.Tensor]:
-    """Padding-free layout of the same batch as `collate`: the examples are placed
-    first-fit-decreasing into rows of capacity max_len (or the longest example), several to
-    a row. Returns collate's keys plus segments (B, T): the example's index in `examples`,
+    """Padding-free layout of the same batch as `collate`: the examples, longest first, each go
+    to the least filled of the fewest rows of capacity max_len (or the longest example) that
+    hold them all, several to a row, so the rows come out nearly even and little padding is
+    left. Returns collate's keys plus segments (B, T): the example's index in `examples`,
     -1 on the padding left at a row's end. Feed `segments` to the model so that rotary
     positions restart and no token attends across examples; losses and gradients match."""
     one = [collate([e], pad_id, max_len) for e in examples]                # each (1, n_i)
     lengths = [b["idx"].shape[1] for b in one]
     capacity = max_len or max(lengths)
-    rows: list[list[int]] = []                                              # example indices per row
-    room: list[int] = []
-    for i in sorted(range(len(one)), key=lambda i: -lengths[i]):
-        r = next((r for r in range(len(rows)) if room[r] >= lengths[i]), None)
-        if r is None:
-            rows.append([]), room.append(capacity)
-            r = len(rows) - 1
-        rows[r].append(i)
-        room[r] -= lengths[i]
-    T = max(capacity - free for free in room)
+    n_rows = max(1, math.ceil(sum(lengths) / capacity))
+    while True:                      # n_rows = len(examples) always fits: one example a row
+        rows: list[list[int]] = [[] for _ in range(n_rows)]                 # example indices per row
+        fill = [0] * n_rows
+        for i in sorted(range(len(one)), key=lambda i: -lengths[i]):
+            r = min(range(n_rows), key=fill.__getitem__)
+            rows[r].append(i)
+            fill[r] += lengths[i]
+        if max(fill) <= capacity:
+            break
+        n_rows += 1
+    T = max(fill)
     out = {"idx": torch.full((len(rows), T), pad_id, dtype=torch.long),
            "targets": torch.full((len(rows), T), -100, dtype=torch.long),
            "loss_mask": torch.zeros(len(rows), T),

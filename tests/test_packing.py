@@ -18,9 +18,11 @@ def examples(lengths, n_prompt=3, seed=0):
 LENGTHS = [12, 4, 7, 9, 3, 5, 11, 6]
 
 
-def test_pack_places_every_token_once_first_fit_decreasing():
+def test_pack_places_every_token_once_in_the_fewest_nearly_even_rows():
     batch = datasets.pack(examples(LENGTHS), pad_id=0, max_len=16)
-    assert batch["idx"].shape[1] <= 16 and batch["idx"].shape[0] < len(LENGTHS)
+    tokens = sum(n - 1 for n in LENGTHS)                    # 49: at least 4 rows of 16
+    assert batch["idx"].shape == (4, 13)                    # first-fit-decreasing would leave (4, 16)
+    assert datasets.padding_fraction(batch) < 0.06 and int(batch["pad_mask"].sum()) == tokens
     for i, n in enumerate(LENGTHS):                         # each example: one contiguous run of n-1
         assert int((batch["segments"] == i).sum()) == n - 1
     assert torch.equal(batch["pad_mask"], batch["segments"] >= 0)

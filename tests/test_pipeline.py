@@ -63,7 +63,9 @@ def test_the_default_run_calls_loranull_init_and_null_basis(tmp_path, monkeypatc
 # The held-out loss of `python train.py --preset toy --init null` (the default init, eigh basis),
 # measured from a run of this code on a 2-core CPU; a change of path (basis, init, data order,
 # schedule) moves it by far more than the tolerance.
-TOY_DEFAULT_HELDOUT = {"before": 7.0288, "after": 1.5186}  # packed batches, inits in one thread
+# Rounding alone moves "after" by a few hundredths: the same run gave 1.5466 padded, 1.5186 packed
+# first-fit-decreasing and 1.5392 packed into even rows (2026-12-07), so the layout is pinned too.
+TOY_DEFAULT_HELDOUT = {"before": 7.0288, "after": 1.5392}  # even packed rows, inits in one thread
 
 
 def test_the_toy_default_run_reproduces_its_heldout_loss(tmp_path):
