@@ -33,6 +33,7 @@ STATEMENTS = ADAPTER_STATEMENTS + [
     ("null-v2-chat", "null-v2", "LoRA-Null v2 calibrated on chat text forgets less than on plain NQ-open"),
 ]
 N_BOOT = 1000
+SENSITIVITY = (0.7, 0.2, -0.2)   # the matched cost also at target + these (nats), to see how it depends on the target
 
 
 def load_runs(out: Path) -> list[dict]:
@@ -64,10 +65,15 @@ def summarize(settings: dict, runs: list[dict], base: dict) -> dict:
             v, rep = stats.seed_costs([seed_curve(mine[s], base) for s in seeds], target, N_BOOT,
                                       np.random.default_rng(0))   # the same item draws for every method
         values[m], replicates[m] = v, rep
+        elsewhere = {}
+        for offset in SENSITIVITY:            # read after the runs; the statements use the target only
+            w, w_rep = stats.seed_costs([seed_curve(mine[s], base) for s in ok], target + offset, N_BOOT,
+                                        np.random.default_rng(0)) if len(ok) == len(seeds) else (v, None)
+            elsewhere[f"{target + offset:.3f}"] = clean(stats.seed_interval(w, w_rep))
         end = [mine[s]["end"]["scores"] for s in ok]
         methods[m] = {"lr": lr, "seeds": seeds, "per_seed": [float(x) for x in v],
                       "measured": int(np.isfinite(v).sum()),
-                      "matched": clean(stats.seed_interval(v, rep)),
+                      "matched": clean(stats.seed_interval(v, rep)), "elsewhere": elsewhere,
                       "end": {k: mean_sd([e[k] for e in end]) for k in (end[0] if end else {}) if e_num(end, k)},
                       "seconds": {k: float(np.mean([mine[s]["seconds"].get(k, 0.0) for s in ok]))
                                   for k in ("calibration", "init", "train", "checkpoints", "end_probes", "total")}}
@@ -138,6 +144,14 @@ def markdown(settings: dict, s: dict) -> str:
     if s["statements"]:
         parts += ["", "## Statements (difference of matched costs, Holm-corrected over this list)", ""]
         parts += [f"- {st['claim']}: **{st['verdict']}** ({ci(st)})" for st in s["statements"]]
+    losses = sorted({L for r in s["methods"].values() for L in r.get("elsewhere", {})}, key=float, reverse=True)
+    if losses:
+        parts += ["", "## The same cost at other task losses", "",
+                  "Chosen after the runs, to show how the matched cost depends on where the target lies; "
+                  "the statements above use the target fixed in advance only.", "",
+                  "| method | " + " | ".join(f"val loss {L}" for L in losses) + " |", "|---|" + "---|" * len(losses)]
+        parts += [f"| {LABELS.get(m, m)} | " + " | ".join(ci(r["elsewhere"][L]) if L in r["elsewhere"] else "–"
+                                                           for L in losses) + " |" for m, r in s["methods"].items()]
     parts += ["", "## End of each run (mean ± sd over seeds)"] + end_tables(s)
     parts += ["", "## Pilot (loss on the pilot's validation items; chosen in bold)", ""]
     for m, grid in s["pilot"].items():

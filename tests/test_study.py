@@ -160,6 +160,17 @@ def test_report_only_on_the_committed_tiny_study_reproduces_its_committed_tables
         assert (out / name).read_bytes() == (COMMITTED / name).read_bytes(), name
 
 
+def test_the_cost_at_other_losses_is_the_matched_cost_moved_to_them(monkeypatch):
+    """At offset 0 it is the matched cost itself; at another loss, another number."""
+    settings = json.loads((COMMITTED / "settings.json").read_text())
+    runs, base = study_report.load_runs(COMMITTED), json.loads((COMMITTED / "base.json").read_text())
+    monkeypatch.setattr(study_report, "SENSITIVITY", (0.0, 0.05))
+    summary = study_report.summarize(settings, runs, base)
+    at, near = f"{settings['target']:.3f}", f"{settings['target'] + 0.05:.3f}"
+    for r in summary["methods"].values():
+        assert r["elsewhere"][at] == r["matched"] and r["elsewhere"][near]["value"] not in (None, r["matched"]["value"])
+
+
 def test_the_end_of_run_tables_show_every_score_once_under_its_question():
     listed = [k for _, cols in study_report.END_TABLES for k, _ in cols]
     scores = {k: [1.0, 0.5] for k in listed[::3] + ["a_new_score"]}
