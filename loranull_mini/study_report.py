@@ -3,8 +3,9 @@
 OUT/results.md    per method: the chosen learning rate, the matched retention cost (mean over
                   seeds, interval: the wider of the t-interval over seeds and the two-level
                   bootstrap, seeds then items), how many seeds were measured near the target;
-                  the statements (Holm-corrected, yes / no / not shown); the end-of-run probes;
-                  the pilot; the cost per phase
+                  the statements (Holm-corrected, yes / no / not shown); the same cost at three
+                  other task losses (read after the runs, not used by the statements); the
+                  end-of-run probes, a table per question; the pilot; the cost per phase
 OUT/results.json  the same numbers
 OUT/curves.png    retention cost against validation loss, linear axes: each seed a thin line
                   of its measured checkpoints, the mean bold, the base model a star (never
