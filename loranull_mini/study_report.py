@@ -143,7 +143,12 @@ def markdown(settings: dict, s: dict) -> str:
         parts.append(f"| {LABELS.get(m, m)} | {r['lr']:g} | {ci(r['matched'])} | {r['measured']}/{len(r['seeds'])}"
                      f" | {per} |")
     if s["statements"]:
-        parts += ["", "## Statements (difference of matched costs, Holm-corrected over this list)", ""]
+        k = len(s["statements"])
+        parts += ["", "## Statements (difference of matched costs, Holm-corrected over this list)", "",
+                  f"Each interval is that statement's own 95% interval. The verdicts are Holm's step-down over "
+                  f"these {k}: the i-th smallest p-value's interval is taken at level 1 - 0.05 / ({k} - i + 1) "
+                  f"(the first at {100 * (1 - 0.05 / k):.4g}%), and the first that holds zero ends it, so an "
+                  f"interval below that leaves out zero may still read not shown.", ""]
         parts += [f"- {st['claim']}: **{st['verdict']}** ({ci(st)})" for st in s["statements"]]
     losses = sorted({L for r in s["methods"].values() for L in r.get("elsewhere", {})}, key=float, reverse=True)
     if losses:
