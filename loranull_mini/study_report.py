@@ -34,6 +34,7 @@ STATEMENTS = ADAPTER_STATEMENTS + [
     ("null-v2-chat", "null-v2", "LoRA-Null v2 calibrated on chat text forgets less than on plain NQ-open"),
 ]
 N_BOOT = 1000
+ALPHA = 0.05                     # the statements' family-wise level (Holm)
 SENSITIVITY = (0.7, 0.2, -0.2)   # the matched cost also at target + these (nats), to see how it depends on the target
 
 
@@ -85,7 +86,7 @@ def summarize(settings: dict, runs: list[dict], base: dict) -> dict:
         rep = None if replicates[m] is None or replicates[ref] is None else replicates[m] - replicates[ref]
         comparisons.append({"d": values[m] - values[ref], "replicates": rep})
         listed.append((m, ref, text))
-    verdicts = stats.holm_verdicts(comparisons)
+    verdicts = stats.holm_verdicts(comparisons, alpha=ALPHA)
     statements = [{"claim": text, "method": m, "reference": ref, "verdict": v,
                    **clean(stats.seed_interval(c["d"], c["replicates"]))}
                   for (m, ref, text), c, v in zip(listed, comparisons, verdicts)]
@@ -146,8 +147,8 @@ def markdown(settings: dict, s: dict) -> str:
         k = len(s["statements"])
         parts += ["", "## Statements (difference of matched costs, Holm-corrected over this list)", "",
                   f"Each interval is that statement's own 95% interval. The verdicts are Holm's step-down over "
-                  f"these {k}: the i-th smallest p-value's interval is taken at level 1 - 0.05 / ({k} - i + 1) "
-                  f"(the first at {100 * (1 - 0.05 / k):.4g}%), and the first that holds zero ends it, so an "
+                  f"these {k}: the i-th smallest p-value's interval is taken at level 1 - {ALPHA:g} / ({k} - i + 1) "
+                  f"(the first at {100 * (1 - ALPHA / k):.4g}%), and the first that holds zero ends it, so an "
                   f"interval below that leaves out zero may still read not shown.", ""]
         parts += [f"- {st['claim']}: **{st['verdict']}** ({ci(st)})" for st in s["statements"]]
     losses = sorted({L for r in s["methods"].values() for L in r.get("elsewhere", {})}, key=float, reverse=True)
