@@ -311,7 +311,8 @@ def answer_nll_sum(model, batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def heldout_loss(model, examples, pad_id, cfg, device, autocast_dtype) -> float:
-    """Mean answer-token NLL on held-out examples."""
+    """Mean answer-token NLL on held-out examples: the training step's loss (answer_nll_sum, the
+    vocabulary projection at answer tokens only), with no graph kept."""
     was_training = model.training
     model.eval()
     total = count = 0.0
@@ -319,10 +320,8 @@ def heldout_loss(model, examples, pad_id, cfg, device, autocast_dtype) -> float:
         batch = datasets.training_batch(examples[i:i + cfg.batch_size], pad_id, cfg.max_len)
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            _, mean = model(batch["idx"], batch["targets"], batch["loss_mask"], pad_mask=batch["pad_mask"],
-                            segments=batch["segments"])
-        n = float((batch["loss_mask"] * (batch["targets"] != -100)).sum())
-        total, count = total + mean.item() * n, count + n
+            total += float(answer_nll_sum(model, batch))
+        count += float(((batch["loss_mask"] > 0) & (batch["targets"] != -100)).sum())
     model.train(was_training)
     return total / max(count, 1)
 

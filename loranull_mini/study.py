@@ -45,9 +45,9 @@ REAL_METHODS = ("lora", "null-v2", "null", "pissa", "milora", "corda", "full", "
 LORA_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
 PILOT_LRS = {"default": LORA_LRS, "pissa": (2.5e-4, 5e-4, 1e-3, 2e-3), "milora": (5e-4, 1e-3, 2e-3, 4e-3),
              "full": (1.25e-5, 2.5e-5, 5e-5, 1e-4)}
-# Per run on 2 idle CPU cores (measured, docs/results/real/README.md): a training step of batch 8
-# ~7 s, the cheap probes (64 passages x 64 tokens, 48 validation problems) ~21 s per checkpoint,
-# the full probe set ~130 s once at the end: ~8 min a run, 30 runs, so a study takes sittings.
+# Per run on 2 idle CPU cores (measured, docs/results/STUDY.md): a training step of batch 8 ~5 s,
+# the cheap probes (64 passages x 64 tokens, 48 validation problems) ~20 s per checkpoint, the
+# full probe set ~130 s once at the end: ~7.5 min a run, 30 runs, so a study takes sittings.
 REAL_SIZES = {"wiki": 64, "wiki_tokens": 64, "nq": 48, "nq_em": 16, "mmlu": 32, "tqa": 32, "val": 48,
               "pilot_val": 48, "test": 64, "test_acc": 16, "top_k": 256, "piqa": 64, "siqa": 64, "obqa": 64,
               "chat": 32, "chat_tokens": 48}
@@ -203,14 +203,13 @@ class Study:
         n = self.s["pilot"]["steps"]
         scores = {}
 
-        def at_checkpoint(model, step):
-            if step == n:                          # the task losses only: a pilot measures no retention
-                nll, tokens = metrics.answer_nll(model, world["pilot_items"])
-                val_nll, val_tokens = metrics.answer_nll(model, world["probes"].val)
-                scores.update(pilot_loss=sum(nll) / sum(tokens), val_loss=sum(val_nll) / sum(val_tokens))
-                raise _PilotDone
+        def at_checkpoint(model, step):            # the task losses only: a pilot measures no retention
+            nll, tokens = metrics.answer_nll(model, world["pilot_items"])
+            val_nll, val_tokens = metrics.answer_nll(model, world["probes"].val)
+            scores.update(pilot_loss=sum(nll) / sum(tokens), val_loss=sum(val_nll) / sum(val_tokens))
+            raise _PilotDone
         try:
-            self.train(method, lr, self.s["pilot"]["seed"], at_checkpoint, seconds={})
+            self.train(method, lr, self.s["pilot"]["seed"], {n}, at_checkpoint, seconds={})
         except _PilotDone:
             pass
         except FloatingPointError as e:
@@ -230,16 +229,15 @@ class Study:
         checkpoints = set(self.s["checkpoints"])
 
         def at_checkpoint(model, step):
-            if step in checkpoints:
-                t = time.time()
-                e = self.m.evaluate(model, world["tok"], world["probes"], world["ref"], full=False)
-                points.append({"step": step, "val_nll": e["items"]["val_nll"], "kl": e["items"]["kl"],
-                               "dnll": e["items"]["dnll"], "val_loss": e["scores"]["val_loss"],
-                               "kl_mean": e["scores"]["kl"]})
-                seconds["checkpoints"] += time.time() - t
+            t = time.time()
+            e = self.m.evaluate(model, world["tok"], world["probes"], world["ref"], full=False)
+            points.append({"step": step, "val_nll": e["items"]["val_nll"], "kl": e["items"]["kl"],
+                           "dnll": e["items"]["dnll"], "val_loss": e["scores"]["val_loss"],
+                           "kl_mean": e["scores"]["kl"]})
+            seconds["checkpoints"] += time.time() - t
         row = {"method": method, "lr": lr, "seed": seed, "settings_sha": settings_sha(settings)}
         try:
-            model, train_loss = self.train(method, lr, seed, at_checkpoint, seconds)
+            model, train_loss = self.train(method, lr, seed, checkpoints, at_checkpoint, seconds)
         except FloatingPointError as e:
             write_compact(path, {**row, "diverged": str(e), "points": points, "seconds": {"total": time.time() - t0}})
             say(f"{method} lr {lr:g} seed {seed}: diverged")
@@ -253,8 +251,9 @@ class Study:
         say(f"{method} lr {lr:g} seed {seed}: val loss {points[-1]['val_loss']:.3f}, KL {points[-1]['kl_mean']:.4f} "
             f"({seconds['total']:.0f}s)")
 
-    def train(self, method: str, lr: float, seed: int, at_checkpoint, seconds: dict):
-        """Train one run with train.finetune; at_checkpoint(merged model, step) after every step.
+    def train(self, method: str, lr: float, seed: int, checkpoints: set, at_checkpoint, seconds: dict):
+        """Train one run with train.finetune; at_checkpoint(merged model, step) after each step in
+        checkpoints (the merged copy is made there only).
         Returns (the trained model, the training loss per step)."""
         world = self.world()
         init, frozen = METHODS[method]
@@ -276,7 +275,7 @@ class Study:
 
         def evaluate(m):                               # called at step 0, then after every step
             calls.append(None)
-            if len(calls) > 1:
+            if len(calls) - 1 in checkpoints:
                 at_checkpoint(merged(m), len(calls) - 1)
             return {}
         t = time.time()

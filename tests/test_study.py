@@ -115,6 +115,15 @@ def test_tiny_real_study_runs_end_to_end_with_a_measured_bracket_for_every_metho
         order.append((method, fixed["chosen"][method] == lr, "target" in fixed))
         return main_run(self, method, lr, seed, settings)
     monkeypatch.setattr(study.Study, "main_run", watched)
+    merges, pilot_scores = [], study.Study.pilot_scores
+    monkeypatch.setattr(study, "merged", lambda m, merged=study.merged: merges.append(None) or merged(m))
+
+    def counted(self, method, lr):                      # a pilot merges once, after its last step
+        before = len(merges)
+        result = pilot_scores(self, method, lr)
+        assert len(merges) - before == (0 if "diverged" in result else 1), (method, lr)
+        return result
+    monkeypatch.setattr(study.Study, "pilot_scores", counted)
     summary = run_tiny(monkeypatch, out)
     assert order and all(same and target for _, same, target in order)
     settings = json.loads((out / "settings.json").read_text())

@@ -114,6 +114,31 @@ def test_resume_refuses_changed_settings_and_fresh_run_refuses_to_overwrite(tmp_
         run(tmp_path, "--init", "vanilla")
 
 
+def test_heldout_loss_is_the_mean_answer_nll_and_keeps_no_graph():
+    """The held-out loss is every answer token's NLL over their count, as the full-vocabulary
+    path (metrics.sequence_nll) scores it, with autograd off and the vocabulary projection at the
+    answer tokens only (it runs at every evaluation step, a study's every training step)."""
+    import lora
+    from loranull_mini import data as datasets, metrics
+    from tests.conftest import random_model
+    model = random_model(std=0.2)
+    lora.inject_lora(model, r=4)
+    for layer in lora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.B, std=0.1)                     # an adapter that changes the outputs
+    g = torch.Generator().manual_seed(0)
+    exs = [Example(torch.randint(1, 60, (n,), generator=g).tolist(), 3) for n in (12, 4, 7, 9, 5, 11)]
+    grad_seen, projected = [], []
+    model.register_forward_hook(lambda *_: grad_seen.append(torch.is_grad_enabled()))
+    model.output.register_forward_hook(lambda m, args, out: projected.append(args[0].shape[:-1].numel()))
+    model.train()
+    cfg = train.TrainConfig(preset="toy", batch_size=4)
+    got = train.heldout_loss(model, exs, 0, cfg, torch.device("cpu"), None)
+    assert model.training and grad_seen == [False, False]           # mode restored; two batches, no graph
+    assert sum(projected) == sum(len(e.ids) - 3 for e in exs)       # positions projected: answer tokens only
+    nll, count = metrics.sequence_nll(model.eval(), exs, pad_id=0)
+    assert got == pytest.approx(sum(nll) / sum(count), rel=1e-6) and sum(count) == sum(len(e.ids) - 3 for e in exs)
+
+
 def test_loss_mask_leaves_prompt_tokens_out_of_the_loss():
     # prompt = 3 tokens, answer = 2 tokens: targets t=2 and t=3 (the answer tokens) only
     batch = collate([Example([5, 6, 7, 8, 9], 3), Example([5, 6, 8, 9], 2)], pad_id=0)
@@ -216,7 +241,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
 
     def nan_after_five_steps(logits, targets, loss_mask=None):
         total, count = real(logits, targets, loss_mask)
-        calls["n"] += 1
+        calls["n"] += torch.is_grad_enabled()             # training steps only, not the held-out loss
         return (total * float("nan"), count) if calls["n"] > 5 else (total, count)
 
     monkeypatch.setattr(train, "masked_nll", nan_after_five_steps)
