@@ -119,7 +119,7 @@ def test_heldout_loss_is_the_mean_answer_nll_and_keeps_no_graph():
     path (metrics.sequence_nll) scores it, with autograd off and the vocabulary projection at the
     answer tokens only (it runs at every evaluation step, a study's every training step)."""
     import lora
-    from loranull_mini import data as datasets, metrics
+    from loranull_mini import metrics
     from tests.conftest import random_model
     model = random_model(std=0.2)
     lora.inject_lora(model, r=4)
