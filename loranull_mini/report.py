@@ -164,6 +164,8 @@ def markdown(summary: dict, toy: bool) -> str:
              + f", evaluated every {s['eval_every']} steps. Retention cost: "
              f"{'KL of the held-out facts answers' if toy else 'per-token KL(base || tuned) on held-out Wikipedia'}"
              f" against the base model. Intervals: 95% percentile bootstrap over seeds and items."]
+    if toy and len(summary["variants"]) > 1:
+        parts += side_by_side(summary["variants"])
     for variant, v in summary["variants"].items():
         cols = TOY_COLUMNS if toy else REAL_COLUMNS
         parts += ["", f"## {'overlap' if toy else 'calibration'}: {variant}", "",
@@ -200,6 +202,33 @@ def markdown(summary: dict, toy: bool) -> str:
         parts += ["", f"{v['n_runs']} runs ({v['diverged']} diverged), {v['train_seconds'] / 60:.1f} min of "
                       f"training and evaluation."]
     return "\n".join(parts) + "\n"
+
+
+def side_by_side(variants: dict) -> list[str]:
+    """Every world's matched cost in one table, a method per row ("–": not run in that world)."""
+    methods = list(dict.fromkeys(m for v in variants.values() for m in v["matched"]))
+    lines = ["", "## The worlds side by side", "",
+             "Retention cost at the matched task loss (lower forgets less; 95% bootstrap interval over seeds "
+             "and items; \"–\": not run in that world):", "",
+             "| method | " + " | ".join(f"{w}: cost at matched loss" for w in variants) + " |",
+             "|---|" + "---|" * len(variants)]
+    for m in methods:
+        cells = [matched_cell(v["matched"].get(m)) for v in variants.values()]
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def matched_cell(c: dict | None) -> str:
+    """One matched cost, saying how often the target was reached when not (nearly) always."""
+    if c is None:
+        return "–"
+    if math.isfinite(c["value"]):
+        text = f"{c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
+        return text if c["reached"] >= 0.95 else f"{text} (target reached in {c['reached']:.0%} of resamples)"
+    if math.isfinite(c["low"]):
+        return (f"not reached by every seed (resamples that reach it: [{c['low']:.3f}, {c['high']:.3f}], "
+                f"{c['reached']:.0%})")
+    return "not reached"
 
 
 def fmt(value, scale, decimals) -> str:

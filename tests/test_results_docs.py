@@ -1,0 +1,87 @@
+"""The committed grid-study reports are the code's rendering of their results.json, and the
+docs that quote them quote them: no number of docs/RESULTS.md's toy section or of the README's
+toy paragraph is typed by hand."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from loranull_mini import report
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+
+
+@pytest.mark.parametrize("study, toy", [("toy", True), ("real-quick", False), ("real-calibration", False)])
+def test_a_committed_report_is_the_rendering_of_its_results_json(study, toy):
+    summary = json.loads((RESULTS / study / "results.json").read_text(encoding="utf-8"))
+    assert report.markdown(summary, toy) == (RESULTS / study / "results.md").read_text(encoding="utf-8")
+
+
+def test_the_side_by_side_table_marks_what_was_not_run_and_what_was_not_always_reached():
+    c = {"value": 0.2156, "low": 0.0143, "high": 0.5309, "reached": 0.863}
+    variants = {"random": {"matched": {"lora": dict(c, reached=1.0), "pissa": c}},
+                "top": {"matched": {"lora": {"value": float("nan"), "low": 0.054, "high": 0.915, "reached": 0.645}}}}
+    lines = report.side_by_side(variants)
+    assert lines[-2] == "| LoRA | 0.216 [0.014, 0.531] | not reached by every seed (resamples that reach it: " \
+                        "[0.054, 0.915], 64%) |"
+    assert lines[-1] == "| PiSSA | 0.216 [0.014, 0.531] (target reached in 86% of resamples) | – |"
+    assert report.matched_cell({"value": float("nan"), "low": float("nan"), "high": float("nan"),
+                                "reached": 0.0}) == "not reached"
+
+
+def blocks(text: str) -> list[str]:
+    """The tables and bullet lists of a markdown text, each as one string."""
+    found, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith(("|", "- ")):
+            current.append(line)
+        elif current:
+            found.append("\n".join(current))
+            current = []
+    return found
+
+
+def test_the_toy_section_of_docs_results_quotes_the_committed_toy_report():
+    doc = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    section = doc[doc.index("### Toy world"):]
+    section = section[:section.index("\n## ")] if "\n## " in section else section
+    toy = (RESULTS / "toy" / "results.md").read_text(encoding="utf-8")
+    quoted = blocks(section)
+    assert len(quoted) >= 4
+    for block in quoted:
+        assert block in toy, block
+
+
+def test_the_readmes_toy_paragraph_quotes_the_committed_toy_statements():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("**The toy world**")
+    paragraph = readme[start:readme.index("\n\n", start)]
+    summary = json.loads((RESULTS / "toy" / "results.json").read_text(encoding="utf-8"))
+    world = re.search(r"\(3 seeds, [^,]+, in the (\w+) world", paragraph).group(1)
+    said = {(round(s["value"], 3), round(s["low"], 3), round(s["high"], 3))
+            for s in summary["variants"][world]["statements"]
+            + [d["lora"] for d in summary["variants"][world]["differences"].values() if "lora" in d]}
+    number = r"([+-]?\d+\.\d{3})"
+    quoted = re.findall(rf"\({number} \[{number}, {number}\][),]", paragraph)
+    assert len(quoted) >= 5
+    for triple in quoted:
+        assert tuple(float(x) for x in triple) in said, triple
+    single = re.findall(rf"\(({number[1:-1]})\)", paragraph)
+    values = {round(s["value"], 3) for s in summary["variants"][world]["statements"]}
+    for value in single:
+        assert float(value) in values, value
+
+
+def test_the_toy_numbers_of_docs_results_evidence_summary_are_the_committed_toy_statements():
+    doc = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    summary_text = doc[doc.index("## Does LoRA-Null forget less?"):doc.index("### SmolLM2-135M-Instruct")]
+    summary = json.loads((RESULTS / "toy" / "results.json").read_text(encoding="utf-8"))
+    said = {(round(s["value"], 3), round(s["low"], 3), round(s["high"], 3))
+            for v in summary["variants"].values() for s in v["statements"]}
+    number = r"([+-]?\d+\.\d{3})(?!\d)"                  # the toy's three decimals (SmolLM2's have four)
+    quoted = re.findall(rf"{number}\s+\[{number}, {number}\]", summary_text)
+    assert len(quoted) >= 8
+    for triple in quoted:
+        assert tuple(float(x) for x in triple) in said, triple
