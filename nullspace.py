@@ -19,6 +19,7 @@ models is in loranull_mini/calibration.py (tested equal to the hook here).
 import contextlib
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
@@ -215,7 +216,8 @@ def init_adapters(layers: dict, init: str, covariances: dict | None = None, *, g
     covariances: {layer name: C} for the inits that read the inputs. generator: vanilla's A is
     drawn layer after layer from it. basis(C, r) -> U_null: the null basis of "null" and
     "space", computed once per distinct covariance (q/k/v share one, gate/up another);
-    null_basis's eigh by default (loranull_mini/fastbasis for wide models).
+    null_basis's eigh by default (loranull_mini/fastbasis for wide models). On the CPU the
+    layers run side by side, each in one thread: the same bits on any thread count (one_thread).
     """
     check_init(init)
     missing = [n for n in layers if init in NEEDS_COVARIANCE and (covariances is None or n not in covariances)]
@@ -223,28 +225,35 @@ def init_adapters(layers: dict, init: str, covariances: dict | None = None, *, g
         raise ValueError(f"init {init!r} needs the input covariance of every target layer; missing for "
                          f"{missing[:3]}{'...' if len(missing) > 3 else ''}; compute them with "
                          f"nullspace.collect_covariances(model, batches, targets)")
-    bases = {}  # (id(C), r) -> U_null
-    with one_thread():  # the same bits whatever the thread count (see one_thread)
-        for name, layer in layers.items():
-            W, C = layer.base.weight.detach(), covariances[name] if init in NEEDS_COVARIANCE else None
-            try:
-                shared = {}
-                if init in TAKES_NULL_BASIS:
-                    key = (id(C), layer.r)
-                    if key not in bases:
-                        bases[key] = basis(C.to(W.device), layer.r)
-                    shared = {"U_null": bases[key]}
-                A, B, W_res = INITS[init](W, C, layer.r, layer.alpha, generator=generator, **shared)
-            except ValueError as e:
-                raise ValueError(f"{init} init of {name}: {e}") from None
-            layer.initialize(A, B, W_res)
+    on_cpu = all(layer.base.weight.device.type == "cpu" for layer in layers.values())
+    workers = torch.get_num_threads() if on_cpu and init != "vanilla" else 1  # vanilla: one generator, in order
+    bases, first = {}, {}  # (id(C), r) -> U_null, one per distinct covariance; -> the first layer with it
+
+    def named(name, f, *args):  # f(*args), its error naming the layer
+        try:
+            return f(*args)
+        except ValueError as e:
+            raise ValueError(f"{init} init of {name}: {e}") from None
+
+    def start(name, layer):
+        C = covariances[name] if init in NEEDS_COVARIANCE else None
+        shared = {"U_null": bases[(id(C), layer.r)]} if init in TAKES_NULL_BASIS else {}
+        A, B, W_res = INITS[init](layer.base.weight.detach(), C, layer.r, layer.alpha, generator=generator, **shared)
+        layer.initialize(A, B, W_res)
+    # each layer (and each basis) in one thread, `workers` of them side by side (see one_thread)
+    with one_thread(), ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for name, layer in layers.items() if init in TAKES_NULL_BASIS else ():
+            first.setdefault((id(covariances[name]), layer.r), name)
+        bases.update(zip(first, pool.map(lambda n: named(n, basis, covariances[n].to(layers[n].base.weight.device),
+                                                           layers[n].r), first.values())))
+        list(pool.map(lambda item: named(item[0], start, *item), layers.items()))
 
 
 @contextlib.contextmanager
 def one_thread():
-    """Run the block in one thread. LAPACK's eigh and SVD round differently with 1 and 2
-    threads; training then amplifies the last-bit differences (toy, A trained: KL 2.766 vs
-    2.790), so the inits run in one thread and a run is the same on any thread count."""
+    """Run the block in one thread. LAPACK's eigh and SVD round differently with 1 and 2 threads;
+    training amplifies the last-bit differences (toy, A trained: KL 2.766 vs 2.790), so each
+    layer's init runs in one thread (as many layers side by side as there were threads)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -747,6 +747,9 @@ def table(rows: list) -> str:
 
 # What dominates each measurement: printed under the table when its target is missed.
 WHY_MISSED = {
+    "init: LoRA-Null (eigh basis)": "the default null basis is one float64 eigendecomposition per distinct input "
+                                    "(4 per block), about half of this init: the fast-basis rows below differ in "
+                                    "that alone (train.py --null-basis fast)",
     "init: LoRA-Null": "our init is the calibration (see the calibration row: the X^T X products cost about "
                        "half a forward) plus the null bases (fastbasis: one Cholesky and a few block solves "
                        "per distinct input, 4 per block) and the factors of every layer in float64; PEFT's "

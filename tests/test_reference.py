@@ -259,10 +259,11 @@ def test_reference_is_small():
     assert sum(p.stat().st_size for p in files) < 1_000_000
 
 
-def test_regenerating_gives_the_same_bytes(tmp_path):
-    """On the machine that made them, the files come back bit for bit. Another machine's BLAS/LAPACK may
-    round the last bits differently: then every tensor must still agree (outputs within the manifest's
-    tolerances, inputs to 1e-12), and the test is skipped, saying which files were not bit for bit."""
+def test_regenerating_gives_the_same_bytes_or_agrees_within_tolerance(tmp_path):
+    """On the machine that made them, the files come back bit for bit. Another CPU's BLAS/LAPACK may
+    round the last bits differently (AVX2 against AVX-512): then every tensor must still agree
+    (outputs within the manifest's tolerances, inputs to 1e-12), and a warning names the files that
+    were not bit for bit."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         load_generator().main(tmp_path)
@@ -287,7 +288,7 @@ def test_regenerating_gives_the_same_bytes(tmp_path):
             else:
                 np.testing.assert_allclose(new[key], old[key], rtol=1e-12, atol=1e-12 * np.abs(old[key]).max(),
                                            err_msg=f"{name}: {key}")
-    pytest.skip(f"regenerated within tolerance but not bit for bit here: {', '.join(differ)}")
+    warnings.warn(f"regenerated within tolerance but not bit for bit here: {', '.join(differ)}")
 
 
 def same_json(a, b) -> bool:
