@@ -85,3 +85,17 @@ def test_the_toy_numbers_of_docs_results_evidence_summary_are_the_committed_toy_
     assert len(quoted) >= 8
     for triple in quoted:
         assert tuple(float(x) for x in triple) in said, triple
+
+
+def test_the_bench_table_of_docs_results_is_the_committed_runs_own():
+    """docs/RESULTS.md's table against transformers + PEFT is bench.table of the committed run,
+    and its header names that run's date, versions and duration."""
+    from loranull_mini import bench
+    run = json.loads((RESULTS / "bench" / "cpu.json").read_text(encoding="utf-8"))
+    doc = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    section = doc[doc.index("## Performance against transformers + PEFT"):]
+    assert bench.table(run["rows"]) in section
+    env = run["environment"]
+    for fact in (env["date"], f"torch {env['torch']}", f"transformers {env['transformers']}",
+                 f"peft {env['peft']}", f"{env['seconds'] / 60:.1f} minutes"):
+        assert fact in section.split("\n\n")[1], fact
