@@ -242,11 +242,12 @@ def init_adapters(layers: dict, init: str, covariances: dict | None = None, *, g
         layer.initialize(A, B, W_res)
     # each layer (and each basis) in one thread, `workers` of them side by side (see one_thread)
     with one_thread(), ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        run = pool.map if workers > 1 else map  # one worker: in this thread (CUDA keeps its device)
         for name, layer in layers.items() if init in TAKES_NULL_BASIS else ():
             first.setdefault((id(covariances[name]), layer.r), name)
-        bases.update(zip(first, pool.map(lambda n: named(n, basis, covariances[n].to(layers[n].base.weight.device),
-                                                           layers[n].r), first.values())))
-        list(pool.map(lambda item: named(item[0], start, *item), layers.items()))
+        bases.update(zip(first, run(lambda n: named(n, basis, covariances[n].to(layers[n].base.weight.device),
+                                                      layers[n].r), first.values())))
+        list(run(lambda item: named(item[0], start, *item), layers.items()))
 
 
 @contextlib.contextmanager

@@ -521,3 +521,29 @@ def test_null_init_on_collected_covariance_keeps_model_output():
         model.layers[1].feed_forward.w_gate = adapter
         logits_after, _ = model(idx)
     torch.testing.assert_close(logits_after, logits_before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["null", "space", "pissa", "milora", "corda", "top"])
+def test_init_adapters_gives_the_same_bits_on_one_and_two_threads(init):
+    """On 2 threads the layers run side by side, each in one thread: every factor and residual
+    must be the bits of the 1-thread run (LAPACK rounds differently on 2 threads)."""
+    import lora
+
+    def started(threads):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(n, m) for n, m in [(256, 384), (384, 256), (256, 256), (256, 384)]])
+        layers = {str(i): lora.wrap_linear(model, str(i), 8, 16.0, 0.0, False) for i in range(len(model))}
+        X = {str(i): torch.randn(600, layer.base.in_features, dtype=torch.float64) @ torch.randn(
+            layer.base.in_features, layer.base.in_features, dtype=torch.float64) for i, layer in layers.items()}
+        covariances = {name: x.T @ x / len(x) for name, x in X.items()}
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            ns.init_adapters(layers, init, covariances)
+        finally:
+            torch.set_num_threads(before)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    one, two = started(1), started(2)
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[k], two[k]) for k in one)

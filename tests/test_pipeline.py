@@ -82,11 +82,12 @@ def test_the_toy_default_run_reproduces_its_heldout_loss(tmp_path):
     assert result["metrics"][-1]["heldout_loss"] == summary["task_loss_after"]
 
 
-@pytest.mark.parametrize("init", ["space", "corda"])
+@pytest.mark.parametrize("init", ["space", "corda", "pissa", "null"])
 def test_an_init_is_the_same_bits_on_one_and_two_threads(init, tmp_path):
     """LAPACK rounds differently with 1 and 2 threads and training amplifies it (the toy study
-    moved space-only by 0.3 in matched cost between a 1- and a 2-thread run); the inits run in
-    one thread, so a run's adapter does not depend on the thread count."""
+    moved space-only by 0.3 in matched cost between a 1- and a 2-thread run); each layer's init
+    runs in one thread (on 2 threads, two layers side by side), so a run's adapter does not
+    depend on the thread count."""
     threads = torch.get_num_threads()
     adapters = []
     try:
