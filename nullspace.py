@@ -236,9 +236,9 @@ def init_adapters(layers: dict, init: str, covariances: dict | None = None, *, g
             raise ValueError(f"{init} init of {name}: {e}") from None
 
     def start(name, layer):
-        C = covariances[name] if init in NEEDS_COVARIANCE else None
+        W, C = layer.base.weight.detach(), covariances[name] if init in NEEDS_COVARIANCE else None
         shared = {"U_null": bases[(id(C), layer.r)]} if init in TAKES_NULL_BASIS else {}
-        A, B, W_res = INITS[init](layer.base.weight.detach(), C, layer.r, layer.alpha, generator=generator, **shared)
+        A, B, W_res = INITS[init](W, C, layer.r, layer.alpha, generator=generator, **shared)
         layer.initialize(A, B, W_res)
     # each layer (and each basis) in one thread, `workers` of them side by side (see one_thread)
     with one_thread(), ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
