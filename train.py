@@ -287,7 +287,7 @@ def train_step(ddp_model, train, step: int, cfg: TrainConfig, pad_id: int, devic
     micro = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size][proc::world] for i in range(cfg.grad_accum)]
     batches = [datasets.training_batch([train[j] for j in m], pad_id, cfg.max_len) for m in micro]
     counts = devices.sum_over_processes(torch.tensor(
-        [sum(float(answer_positions(b).sum()) for b in batches),
+        [sum(float(datasets.answer_positions(b).sum()) for b in batches),
          sum(float(b["pad_mask"].sum()) for b in batches)]), world)
     step_loss = torch.zeros(())
     for i, b in enumerate(batches):
@@ -300,15 +300,10 @@ def train_step(ddp_model, train, step: int, cfg: TrainConfig, pad_id: int, devic
     return devices.sum_over_processes(step_loss, world), int(counts[1])
 
 
-def answer_positions(batch: dict) -> torch.Tensor:
-    """Where a collated batch is scored: its answer tokens that have a target, (B, T) bool."""
-    return (batch["loss_mask"] > 0) & (batch["targets"] != -100)
-
-
 def answer_nll_sum(model, batch: dict) -> torch.Tensor:
     """The summed NLL of a collated batch's answer tokens (the loss of the training step), with
     the vocabulary projection computed at those positions only."""
-    scored = answer_positions(batch)
+    scored = datasets.answer_positions(batch)
     logits, _ = model(batch["idx"], pad_mask=batch["pad_mask"], logits_at=scored,
                       segments=batch.get("segments"))                               # (N, V)
     return masked_nll(logits[None], batch["targets"][scored][None])[0]
@@ -326,7 +321,7 @@ def heldout_loss(model, examples, pad_id, cfg, device, autocast_dtype) -> float:
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             total += float(answer_nll_sum(model, batch))
-        count += float(answer_positions(batch).sum())
+        count += float(datasets.answer_positions(batch).sum())
     model.train(was_training)
     return total / max(count, 1)
 

@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from loranull_mini.data import answer_positions
 from model import PROJECTIONS, ModelConfig
 
 # our short target names -> the module names of transformers' LLaMA
@@ -456,7 +457,7 @@ def build_training(stack: str, settings: dict, device):
         lora.inject_lora(model, ALL_TARGETS, r=r, alpha=alpha)  # vanilla init, as PEFT's default
 
         def forward(batch):  # train.answer_nll_sum (a library module does not import the script)
-            at = scored(batch)
+            at = answer_positions(batch)
             logits, _ = model(batch["idx"], pad_mask=batch["pad_mask"], logits_at=at)  # (N, V)
             return masked_nll(logits[None], batch["targets"][at][None])[0] / at.sum()
     else:
@@ -464,7 +465,7 @@ def build_training(stack: str, settings: dict, device):
         model = get_peft_model(load_hf(settings["hf_dir"], device), peft_config(r, alpha))
 
         def forward(batch):
-            labels = batch["targets"].masked_fill(~scored(batch), -100)  # already shifted: shift_labels
+            labels = batch["targets"].masked_fill(~answer_positions(batch), -100)  # already shifted: shift_labels
             return model(input_ids=batch["idx"], attention_mask=batch["pad_mask"].long(), labels=labels,
                          shift_labels=labels).loss
     model.train()
@@ -479,11 +480,6 @@ def build_training(stack: str, settings: dict, device):
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
     return step, sum(p.numel() for p in params)
-
-
-def scored(batch: dict) -> torch.Tensor:
-    """(B, T) bool: the positions whose next token the loss reads (answer tokens), as train.py."""
-    return (batch["loss_mask"] > 0) & (batch["targets"] != -100)
 
 
 def train_worker(conn, stack: str, settings: dict):
@@ -572,7 +568,7 @@ def measure_training(cfg, stacks, device, workdir: Path, log) -> list:
     def flops(b, stack):
         B, T = b["idx"].shape
         return training_flops(config, cfg.rank, ALL_TARGETS, B, T,
-                              output_tokens=int(scored(b).sum()) if stack == "ours" else B * T)
+                              output_tokens=int(answer_positions(b).sum()) if stack == "ours" else B * T)
     achieved = {}
     for stack, m in measured.items():
         per_repeat = [sum(flops(b, stack) for b in steps[k * cfg.train_steps:(k + 1) * cfg.train_steps])
@@ -581,7 +577,7 @@ def measure_training(cfg, stacks, device, workdir: Path, log) -> list:
     peak = statistics.median(peaks)
     real = sum(int(b["pad_mask"].sum()) for b in steps)
     padded = sum(b["idx"].numel() for b in steps)
-    answers = sum(int(scored(b).sum()) for b in steps)
+    answers = sum(int(answer_positions(b).sum()) for b in steps)
     log(f"train      tokens/s ours {fmt(rate['ours'])}, HF+PEFT {fmt(rate['theirs'])}; peak memory "
         f"{memory['ours'] / 2**20:.0f} / {memory['theirs'] / 2**20:.0f} MiB; first losses "
         f"{hello['ours']['first_loss']:.5f} / {hello['theirs']['first_loss']:.5f}; batches of {cfg.train_batch}: "
@@ -680,7 +676,7 @@ def measure_packing(cfg, stacks, device, log) -> dict:
 
     def step(batch):
         with autocast(device, device.type == "cuda"):
-            at = scored(batch)
+            at = answer_positions(batch)
             logits, _ = model(batch["idx"], pad_mask=batch["pad_mask"], logits_at=at, segments=batch.get("segments"))
             loss = masked_nll(logits[None], batch["targets"][at][None])[0] / at.sum()
         loss.backward()

@@ -320,6 +320,12 @@ def collate(examples: list[Example], pad_id: int, max_len: int | None = None) ->
     return {"idx": idx, "targets": targets, "loss_mask": loss_mask, "pad_mask": pad_mask}
 
 
+def answer_positions(batch: dict) -> torch.Tensor:
+    """Where a batch of collate, pack or training_batch is scored: its answer tokens that have a
+    target, (B, T) bool."""
+    return (batch["loss_mask"] > 0) & (batch["targets"] != -100)
+
+
 def pack(examples: list[Example], pad_id: int, max_len: int | None = None) -> dict[str, torch.Tensor]:
     """Padding-free layout of the same batch as `collate`: the examples, longest first, each go
     to the least filled of the fewest rows of capacity max_len (or the longest example) that

@@ -36,7 +36,7 @@ import string
 import torch
 import torch.nn.functional as F
 
-from loranull_mini.data import Example, chat_windows, collate, nq_open
+from loranull_mini.data import Example, answer_positions, chat_windows, collate, nq_open
 from model import KVCache, cut_at_stop, generate
 
 # ----------------------------------------------------------------------------- text scorers
@@ -241,7 +241,7 @@ def _scored_logprobs(model, examples: list[Example], pad_id: int, batch_size: in
         for rows in _by_length([len(e.ids) for e in examples], batch_size):
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows], pad_id).items()}
             logits, _ = model(batch["idx"], pad_mask=batch["pad_mask"])            # (B, T, V)
-            mask = (batch["loss_mask"] > 0) & (batch["targets"] != -100)
+            mask = answer_positions(batch)
             yield rows, logits.float().log_softmax(-1), mask, batch["targets"]
     finally:
         model.train(was_training)
