@@ -54,15 +54,19 @@ def test_the_toy_section_of_docs_results_quotes_the_committed_toy_report():
         assert block in toy, block
 
 
+def triples(intervals) -> set:
+    """(value, low, high) of each interval, to the three decimals the docs quote."""
+    return {(round(d["value"], 3), round(d["low"], 3), round(d["high"], 3)) for d in intervals}
+
+
 def test_the_readmes_toy_paragraph_quotes_the_committed_toy_statements():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     start = readme.index("**The toy world**")
     paragraph = readme[start:readme.index("\n\n", start)]
     summary = json.loads((RESULTS / "toy" / "results.json").read_text(encoding="utf-8"))
     world = re.search(r"\(3 seeds, [^,]+, in the (\w+) world", paragraph).group(1)
-    said = {(round(s["value"], 3), round(s["low"], 3), round(s["high"], 3))
-            for s in summary["variants"][world]["statements"]
-            + [d["lora"] for d in summary["variants"][world]["differences"].values() if "lora" in d]}
+    said = triples(summary["variants"][world]["statements"]
+                   + [d["lora"] for d in summary["variants"][world]["differences"].values() if "lora" in d])
     number = r"([+-]?\d+\.\d{3})"
     quoted = re.findall(rf"\({number} \[{number}, {number}\][),]", paragraph)
     assert len(quoted) >= 5
@@ -78,8 +82,7 @@ def test_the_toy_numbers_of_docs_results_evidence_summary_are_the_committed_toy_
     doc = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")
     summary_text = doc[doc.index("## Does LoRA-Null forget less?"):doc.index("### SmolLM2-135M-Instruct")]
     summary = json.loads((RESULTS / "toy" / "results.json").read_text(encoding="utf-8"))
-    said = {(round(s["value"], 3), round(s["low"], 3), round(s["high"], 3))
-            for v in summary["variants"].values() for s in v["statements"]}
+    said = triples(s for v in summary["variants"].values() for s in v["statements"])
     number = r"([+-]?\d+\.\d{3})(?!\d)"                  # the toy's three decimals (SmolLM2's have four)
     quoted = re.findall(rf"{number}\s+\[{number}, {number}\]", summary_text)
     assert len(quoted) >= 8
