@@ -102,3 +102,18 @@ def test_the_bench_table_of_docs_results_is_the_committed_runs_own():
     for fact in (env["date"], f"torch {env['torch']}", f"transformers {env['transformers']}",
                  f"peft {env['peft']}", f"{env['seconds'] / 60:.1f} minutes"):
         assert fact in section.split("\n\n")[1], fact
+
+
+def test_report_only_rebuilds_the_committed_toy_report_from_its_runs_bit_for_bit(tmp_path):
+    """docs/results/toy holds every run's results file: --report-only rebuilds results.md and
+    results.json from them byte for byte."""
+    import shutil
+
+    import eval as ev
+    out = tmp_path / "toy"
+    shutil.copytree(RESULTS / "toy", out)
+    (out / "results.md").unlink()
+    (out / "results.json").unlink()
+    ev.main(["--suite", "toy", "--out", str(out), "--report-only"])
+    for name in ("results.md", "results.json"):
+        assert (out / name).read_bytes() == (RESULTS / "toy" / name).read_bytes(), name
